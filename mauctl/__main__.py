@@ -1,0 +1,3 @@
+from mauctl.cli import main
+
+main()
