@@ -1,0 +1,376 @@
+"""`mauctl subset`: build ImageNet-100 (or any class list) from a real, tiny ImageNet tree."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner, Result
+
+from mauctl.cli import app
+from mauctl.errors import UsageError
+from mauctl.presets import resource_text
+from mauctl.subset import SplitSummary, make_subset
+
+IMAGENET100 = resource_text("imagenet100_classes.txt").split()
+EXTRA = ["n00000001", "n00000002", "n00000003"]  # in the fake ImageNet, not in ImageNet-100
+ALL_CLASSES = IMAGENET100 + EXTRA
+IMAGES_PER_CLASS = {"train": 2, "val": 1}
+
+
+def _jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def build_imagenet(root: Path, train: Iterable[str] = ALL_CLASSES, val: Iterable[str] = ALL_CLASSES) -> Path:
+    """ROOT/<split>/<wnid>/<wnid>_<i>.JPEG, as the PyTorch ImageNet example lays it out."""
+    jpeg = _jpeg()
+    for split, classes in (("train", train), ("val", val)):
+        (root / split).mkdir(parents=True)
+        for wnid in classes:
+            (root / split / wnid).mkdir()
+            for i in range(1, IMAGES_PER_CLASS[split] + 1):
+                (root / split / wnid / f"{wnid}_{i}.JPEG").write_bytes(jpeg)
+    return root
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared by the whole module: tests must leave it as it is."""
+    return build_imagenet(tmp_path_factory.mktemp("imagenet"))
+
+
+def subset(*args: object) -> Result:
+    return CliRunner().invoke(app, ["subset", *map(str, args)])
+
+
+def snapshot(root: Path) -> dict[str, object]:
+    """Every entry under ``root`` without following links: link target, or type, inode and size."""
+    entries: dict[str, object] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            info = path.lstat()
+            described = (stat.S_IFMT(info.st_mode), info.st_ino, info.st_size)
+            entries[str(path.relative_to(root))] = os.readlink(path) if path.is_symlink() else described
+    return entries
+
+
+def summary_row(output: str, split: str, *numbers: int) -> bool:
+    """Whether the summary table has a row ``split | numbers...``."""
+    pattern = re.escape(split) + "".join(rf"\W+{n}" for n in numbers) + r"\b"
+    return re.search(pattern, output) is not None
+
+
+def write_classes(path: Path, *lines: str) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def assert_refused(result: Result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    for fragment in fragments:
+        assert fragment in result.output, (fragment, result.output)
+
+
+# ---------------------------------------------------------------- building
+
+
+def test_default_links_every_imagenet100_class_folder(imagenet: Path, tmp_path: Path) -> None:
+    destination = tmp_path / "in100"
+    result = subset(imagenet, destination)
+    assert result.exit_code == 0, result.output
+    for split in ("train", "val"):
+        assert sorted(os.listdir(destination / split)) == sorted(IMAGENET100)
+        for wnid in IMAGENET100:
+            link = destination / split / wnid
+            assert link.is_symlink()
+            assert os.readlink(link) == str((imagenet / split / wnid).resolve())
+    assert summary_row(result.output, "train", 100, 200, 100, 0), result.output
+    assert summary_row(result.output, "val", 100, 100, 100, 0), result.output
+
+
+def test_rerun_creates_nothing_and_succeeds(imagenet: Path, tmp_path: Path) -> None:
+    destination = tmp_path / "in100"
+    assert subset(imagenet, destination).exit_code == 0
+    before = snapshot(destination)
+    result = subset(imagenet, destination)
+    assert result.exit_code == 0, result.output
+    assert summary_row(result.output, "train", 100, 200, 0, 100), result.output
+    assert summary_row(result.output, "val", 100, 100, 0, 100), result.output
+    assert snapshot(destination) == before
+
+
+def test_make_subset_reports_per_split_summaries(imagenet: Path, tmp_path: Path) -> None:
+    summaries = make_subset(imagenet, tmp_path / "in100", splits=["val"])
+    assert summaries == [SplitSummary("val", classes=100, images=100, created=100, existing=0)]
+
+
+def _source_files(imagenet: Path, split: str, wnid: str) -> list[Path]:
+    return sorted((imagenet / split / wnid).iterdir())
+
+
+def test_hardlink_mode_links_every_file(imagenet: Path, tmp_path: Path) -> None:
+    destination = tmp_path / "in100"
+    result = subset(imagenet, destination, "--link", "hardlink")
+    assert result.exit_code == 0, result.output
+    for wnid in IMAGENET100:
+        class_dir = destination / "train" / wnid
+        assert class_dir.is_dir() and not class_dir.is_symlink()
+        for source in _source_files(imagenet, "train", wnid):
+            assert os.path.samestat(source.stat(), (class_dir / source.name).lstat())
+    assert summary_row(result.output, "train", 100, 200, 200, 0), result.output
+    rerun = subset(imagenet, destination, "--link", "hardlink")
+    assert summary_row(rerun.output, "train", 100, 200, 0, 200), rerun.output
+
+
+def test_copy_mode_copies_every_file(imagenet: Path, tmp_path: Path) -> None:
+    destination = tmp_path / "in100"
+    result = subset(imagenet, destination, "--link", "copy")
+    assert result.exit_code == 0, result.output
+    for wnid in IMAGENET100:
+        for source in _source_files(imagenet, "val", wnid):
+            copy = destination / "val" / wnid / source.name
+            assert not copy.is_symlink()
+            assert copy.read_bytes() == source.read_bytes()
+            assert not os.path.samestat(source.stat(), copy.stat())
+    assert summary_row(result.output, "val", 100, 100, 100, 0), result.output
+    assert summary_row(subset(imagenet, destination, "--link", "copy").output, "val", 100, 100, 0, 100)
+
+
+def test_hardlink_mode_adds_missing_files_and_keeps_extra_ones(imagenet: Path, tmp_path: Path) -> None:
+    wnid = IMAGENET100[0]
+    class_dir = tmp_path / "in100" / "train" / wnid
+    class_dir.mkdir(parents=True)
+    first = _source_files(imagenet, "train", wnid)[0]
+    os.link(first, class_dir / first.name)
+    (class_dir / "notes.txt").write_text("mine")
+    result = subset(imagenet, tmp_path / "in100", "--link", "hardlink", "--splits", "train")
+    assert result.exit_code == 0, result.output
+    assert summary_row(result.output, "train", 100, 200, 199, 1), result.output
+    assert (class_dir / "notes.txt").read_text() == "mine"
+
+
+def test_failure_while_creating_is_a_run_error(imagenet: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def cross_device(source: str, target: str) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    result = subset(imagenet, tmp_path / "in100", "--link", "hardlink")
+    assert result.exit_code == 1, result.output
+    assert "failed while creating" in result.output and "rerun the same command" in result.output
+    assert not list((tmp_path / "in100").rglob("*mauctl-tmp"))
+
+
+def test_unknown_link_mode_names_it_and_the_valid_ones(imagenet: Path, tmp_path: Path) -> None:
+    result = subset(imagenet, tmp_path / "in100", "--link", "softlink")
+    assert_refused(result, "'softlink'", "symlink, hardlink, copy")
+    assert not (tmp_path / "in100").exists()
+
+
+@pytest.mark.parametrize("splits, fragment", [
+    (",", "no splits"), ("train,train", "'train' is given 2 times"), ("..", "'..'"), ("train/x", "'train/x'"),
+])
+def test_bad_splits_are_refused(imagenet: Path, tmp_path: Path, splits: str, fragment: str) -> None:
+    assert_refused(subset(imagenet, tmp_path / "in100", "--splits", splits), fragment)
+    assert not (tmp_path / "in100").exists()
+
+
+def test_unknown_link_mode_via_the_api() -> None:
+    with pytest.raises(UsageError, match="softlink"):
+        make_subset(Path("/nonexistent"), Path("/nonexistent-too"), link="softlink")
+
+
+# ---------------------------------------------------------------- class lists
+
+
+def test_custom_class_list(imagenet: Path, tmp_path: Path) -> None:
+    chosen = [IMAGENET100[0], IMAGENET100[1], EXTRA[0]]
+    classes = write_classes(tmp_path / "mine.txt", "# three classes", "", f"  {chosen[0]}  ", *chosen[1:])
+    result = subset(imagenet, tmp_path / "mine", "--classes", classes)
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path / "mine" / "train")) == sorted(chosen)
+    assert summary_row(result.output, "train", 3, 6, 3, 0), result.output
+    assert summary_row(result.output, "val", 3, 3, 3, 0), result.output
+
+
+def test_malformed_ids_are_all_listed_with_line_numbers(imagenet: Path, tmp_path: Path) -> None:
+    bad = ["../n01440764", "/etc", "n123", "N01440764", "n01440764x"]
+    classes = write_classes(tmp_path / "bad.txt", "# header", IMAGENET100[0], *bad)
+    result = subset(imagenet, tmp_path / "out", "--classes", classes)
+    assert_refused(result, *(f"line {number}: '{wnid}'" for number, wnid in enumerate(bad, start=3)))
+    assert "5 bad line(s)" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_ids_name_the_line_they_repeat(imagenet: Path, tmp_path: Path) -> None:
+    first, second = IMAGENET100[:2]
+    classes = write_classes(tmp_path / "dup.txt", first, second, first, "", second)
+    result = subset(imagenet, tmp_path / "out", "--classes", classes)
+    assert_refused(result, f"line 3: {first} repeats line 1", f"line 5: {second} repeats line 2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_class_list_with_only_comments_is_refused(imagenet: Path, tmp_path: Path) -> None:
+    classes = write_classes(tmp_path / "empty.txt", "# nothing here", "", "   ")
+    assert_refused(subset(imagenet, tmp_path / "out", "--classes", classes), "lists no classes")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_class_list_is_refused(imagenet: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.txt"
+    assert_refused(subset(imagenet, tmp_path / "out", "--classes", missing), str(missing))
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- source checks
+
+
+def test_every_missing_class_is_listed_per_split(tmp_path: Path) -> None:
+    missing_train = IMAGENET100[5:7]
+    source = build_imagenet(tmp_path / "imagenet",
+                            train=[c for c in ALL_CLASSES if c not in missing_train], val=EXTRA)
+    result = subset(source, tmp_path / "out")
+    assert_refused(result, f"2 of 100 classes are missing from {source / 'train'}",
+                   f"100 of 100 classes are missing from {source / 'val'}")
+    train_part, val_part = result.output.split(f"missing from {source / 'val'}")
+    assert all(wnid in train_part for wnid in missing_train)
+    assert all(wnid in val_part for wnid in IMAGENET100)
+    assert not (tmp_path / "out").exists()
+
+
+def test_splits_option_builds_the_complete_split_only(tmp_path: Path) -> None:
+    source = build_imagenet(tmp_path / "imagenet", val=IMAGENET100[1:])
+    assert_refused(subset(source, tmp_path / "out"), IMAGENET100[0], "--splits train")
+    result = subset(source, tmp_path / "out", "--splits", "train")
+    assert result.exit_code == 0, result.output
+    assert os.listdir(tmp_path / "out") == ["train"]
+
+
+def test_missing_split_folder_is_refused(tmp_path: Path) -> None:
+    source = build_imagenet(tmp_path / "imagenet", val=[])
+    os.rmdir(source / "val")
+    assert_refused(subset(source, tmp_path / "out"), "val/", "--splits train")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_imagenet_folder_is_refused(tmp_path: Path) -> None:
+    assert_refused(subset(tmp_path / "nowhere", tmp_path / "out"), str(tmp_path / "nowhere"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_flat_val_folder_explains_the_expected_layout(tmp_path: Path) -> None:
+    source = build_imagenet(tmp_path / "imagenet", val=[])
+    for i in range(1, 4):
+        (source / "val" / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(_jpeg())
+    result = subset(source, tmp_path / "out")
+    assert_refused(result, f"{source / 'val'} is flat", "3 image(s)", "/<wnid>/<image>", "valprep.sh")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- destination checks
+
+
+def _point_elsewhere(tmp_path: Path, wnid: str) -> tuple[Path, Path]:
+    """SUBSET/train/<wnid> as a symlink to a folder outside both trees; returns (link, that folder)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.JPEG").write_bytes(b"not mine to delete")
+    link = tmp_path / "out" / "train" / wnid
+    link.parent.mkdir(parents=True)
+    link.symlink_to(elsewhere, target_is_directory=True)
+    return link, elsewhere
+
+
+def test_link_pointing_elsewhere_needs_force(imagenet: Path, tmp_path: Path) -> None:
+    wnid = IMAGENET100[0]
+    link, elsewhere = _point_elsewhere(tmp_path, wnid)
+    before = snapshot(tmp_path / "out")
+    assert_refused(subset(imagenet, tmp_path / "out"), str(link), str(elsewhere), "--force")
+    assert snapshot(tmp_path / "out") == before
+    result = subset(imagenet, tmp_path / "out", "--force")
+    assert result.exit_code == 0, result.output
+    assert os.readlink(link) == str((imagenet / "train" / wnid).resolve())
+    assert (elsewhere / "keep.JPEG").read_bytes() == b"not mine to delete"
+    assert summary_row(result.output, "train", 100, 200, 100, 0), result.output
+
+
+def _real_folder(path: Path) -> None:
+    path.mkdir()
+    (path / "keep.txt").write_text("mine")
+
+
+def _real_file(path: Path) -> None:
+    path.write_text("mine")
+
+
+@pytest.mark.parametrize("make_entry", [_real_folder, _real_file], ids=["folder", "file"])
+def test_real_entry_at_a_class_name_is_never_replaced(imagenet: Path, tmp_path: Path,
+                                                      make_entry: Callable[[Path], None]) -> None:
+    entry = tmp_path / "out" / "val" / IMAGENET100[3]
+    entry.parent.mkdir(parents=True)
+    make_entry(entry)
+    before = snapshot(tmp_path / "out")
+    result = subset(imagenet, tmp_path / "out", "--force")
+    assert_refused(result, str(entry), "not even with --force", "Move or delete the real files and folders")
+    assert snapshot(tmp_path / "out") == before
+
+
+@pytest.mark.parametrize("link_mode, difference", [
+    ("hardlink", "not a hard link to it"), ("copy", "differs in size"),
+])
+def test_different_file_inside_a_class_folder_is_never_replaced(
+        imagenet: Path, tmp_path: Path, link_mode: str, difference: str) -> None:
+    wnid = IMAGENET100[0]
+    source = _source_files(imagenet, "train", wnid)[0]
+    impostor = tmp_path / "out" / "train" / wnid / source.name
+    impostor.parent.mkdir(parents=True)
+    impostor.write_bytes(b"a different picture")
+    before = snapshot(tmp_path / "out")
+    result = subset(imagenet, tmp_path / "out", "--link", link_mode, "--force")
+    assert_refused(result, str(impostor), difference)
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_split_folder_that_is_a_symlink_is_refused(imagenet: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train").symlink_to(outside, target_is_directory=True)
+    result = subset(imagenet, tmp_path / "out", "--force")
+    assert_refused(result, f"{tmp_path / 'out' / 'train'} is a symlink")
+    assert list(outside.iterdir()) == []
+    assert sorted(os.listdir(tmp_path / "out")) == ["train"]
+
+
+def test_destination_that_is_a_file_is_refused(imagenet: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("mine")
+    assert_refused(subset(imagenet, tmp_path / "out"), "is not a folder")
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+@pytest.mark.parametrize("inside", [".", "train/in100", f"val/{IMAGENET100[0]}/in100"])
+def test_destination_inside_the_source_is_refused(imagenet: Path, inside: str) -> None:
+    before = snapshot(imagenet)
+    assert_refused(subset(imagenet, imagenet / inside), "would write into your ImageNet: ")
+    assert snapshot(imagenet) == before
+
+
+def test_several_problems_are_reported_together(tmp_path: Path) -> None:
+    source = build_imagenet(tmp_path / "imagenet", train=IMAGENET100[1:])
+    (tmp_path / "out" / "val").mkdir(parents=True)
+    _real_file(tmp_path / "out" / "val" / IMAGENET100[2])
+    result = subset(source, tmp_path / "out")
+    assert_refused(result, "2 problems, nothing was created",
+                   f"1 of 100 classes are missing from {source / 'train'}",
+                   str(tmp_path / "out" / "val" / IMAGENET100[2]))
+    assert not (tmp_path / "out" / "val" / IMAGENET100[1]).exists()
