@@ -1,0 +1,240 @@
+"""The `mauctl` command line: parse, validate, then hand a config to a job or to the launcher.
+
+Errors the user can fix are ``UsageError`` (exit 2) or ``RunError`` (exit 1), printed in one
+paragraph without a traceback; ``--debug`` (or ``MAUCTL_DEBUG=1``) shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mauctl import __version__
+from mauctl.config import PretrainConfig, describe
+from mauctl.errors import EXIT_STOPPED, MauctlError
+
+app = typer.Typer(
+    name="mauctl",
+    help="Pretrain image encoders with MoCo and the alignment/uniformity losses, probe, export, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+_debug = {"on": os.environ.get("MAUCTL_DEBUG", "") not in ("", "0")}
+
+
+def command(fn):
+    """Register ``fn`` as a subcommand whose MauctlErrors become a message and an exit status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MauctlError as exc:
+            if _debug["on"]:
+                raise
+            err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
+            if exc.hint:
+                err.print(exc.hint, markup=False, highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if _debug["on"]:
+                raise
+            err.print(f"[bold red]internal error:[/] {exc.__class__.__name__}: {escape(str(exc))}", highlight=False)
+            err.print("This is a bug in mauctl; rerun with --debug for the traceback and report it.")
+            raise typer.Exit(1) from None
+
+    return app.command()(wrapper)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"mauctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    _debug["on"] = debug or os.environ.get("MAUCTL_DEBUG", "") not in ("", "0")
+
+
+# ---------------------------------------------------------------- presets
+
+
+@command
+def presets(
+    fmt: Annotated[str, typer.Option("--format", help="rich (a table) or json (a list of cells).")] = "rich",
+) -> None:
+    """List the presets and the published top-1 of each table cell they reproduce."""
+    from mauctl import presets as p
+    from mauctl.errors import UsageError
+
+    if fmt not in ("rich", "json"):
+        raise UsageError(f"--format {fmt!r}: expected rich or json")
+    all_presets = p.all_presets()
+    cells = p.cells()
+    if fmt == "json":
+        rows = [
+            {"dataset": c.dataset, "preset": c.preset, "loss": c.loss, "top1": c.top1, "label": c.label,
+             "best": c.best, "spread": c.spread}
+            for c in cells
+        ]
+        rows += [
+            {"dataset": None, "preset": q.name, "loss": None, "top1": None, "command": q.command,
+             "description": q.description}
+            for q in all_presets if q.reference is None
+        ]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    losses = list(p.loss_columns())
+    for dataset, title in p.TABLES.items():
+        table = Table(title=f"{title}: published linear top-1 (%) per preset (row) and --loss (column)",
+                      title_justify="left")
+        table.add_column("preset", style="bold cyan", no_wrap=True)
+        for loss in losses:
+            table.add_column(loss + (" *" if loss == p.DEFAULT_LOSS else ""), justify="right", overflow="fold")
+        for q in all_presets:
+            if q.reference is None or q.reference[0] != dataset:
+                continue
+            row = [q.name]
+            for loss in losses:
+                cell = next(c for c in cells if c.preset == q.name and c.loss == loss)
+                row.append(_cell_text(cell))
+            table.add_row(*row)
+        out.print(table)
+    table = Table(title="All presets", title_justify="left")
+    table.add_column("preset", style="bold cyan", no_wrap=True)
+    table.add_column("command")
+    table.add_column("reproduces")
+    table.add_column("description")
+    for q in all_presets:
+        where = f"{p.TABLES[q.reference[0]]} row {q.reference[1]}" if q.reference else "-"
+        table.add_row(q.name, q.command, where, q.description)
+    out.print(table)
+    out.print("* default loss. [bold]bold[/] = best of its row; (name) = the method the README names; "
+              "- = not published. Use: mauctl pretrain DATA --preset PRESET --loss LOSS")
+
+
+def _cell_text(cell: Any) -> str:
+    if cell.top1 is None:
+        return "-"
+    text = f"{cell.top1:g}" + (f" ± {cell.spread:g}" if cell.spread else "")
+    if cell.label:
+        text += f" ({cell.label})"
+    return f"[bold]{text}[/]" if cell.best else text
+
+
+# ---------------------------------------------------------------- pretrain
+
+def _help(key: str) -> str:
+    return escape(describe(PretrainConfig, key))
+
+
+@command
+def pretrain(
+    data: Annotated[Optional[Path], typer.Argument(help="Image folder with train/<class>/<image> (sets data.root).",
+                                                   show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Preset to start from (see `mauctl presets`).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config laid over the preset.")] = None,
+    loss: Annotated[Optional[str], typer.Option(
+        help="Loss column: contr-t0.07, contr-t0.2, align2-unif2, align3-unif3 (the default values), align4-unif4."
+    )] = None,
+    sets: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override any key: --set section.key=value (repeatable; the value is read as TOML).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help=_help("optim.epochs"), show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_help("optim.batch_size"), show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=_help("optim.lr"), show_default=False)] = None,
+    arch: Annotated[Optional[str], typer.Option(help=_help("model.arch"), show_default=False)] = None,
+    image_size: Annotated[Optional[int], typer.Option(help=_help("data.image_size"), show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(help=_help("data.workers"), show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_help("run.seed"), show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(help=_help("run.device"), show_default=False)] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", help=_help("run.out"), show_default=False)] = None,
+    resume: Annotated[Optional[str], typer.Option(help=_help("run.resume"), show_default=False)] = None,
+    nproc_per_node: Annotated[Optional[str], typer.Option(help=_help("launch.nproc_per_node"),
+                                                          show_default=False)] = None,
+    nnodes: Annotated[Optional[int], typer.Option(help=_help("launch.nnodes"), show_default=False)] = None,
+    node_rank: Annotated[Optional[int], typer.Option(help=_help("launch.node_rank"), show_default=False)] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(help=_help("launch.rdzv_endpoint"),
+                                                         show_default=False)] = None,
+    max_restarts: Annotated[Optional[int], typer.Option(help=_help("launch.max_restarts"),
+                                                        show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Start over in a run directory that holds a run (the old run is moved aside).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and check everything, print it, train nothing.")] = False,
+) -> None:
+    """MoCo pretraining with the contrastive / alignment / uniformity losses."""
+    from mauctl.launch import execute
+    from mauctl.prepare import dry_run_text, prepare_pretrain
+
+    flags = {
+        "data.root": str(data.resolve()) if data is not None else None,
+        "data.builtin": "" if data is not None else None,
+        "optim.epochs": epochs, "optim.batch_size": batch_size, "optim.lr": lr, "model.arch": arch,
+        "data.image_size": image_size, "data.workers": workers, "run.seed": seed, "run.device": device,
+        "run.out": out_dir, "run.resume": resume, "launch.nproc_per_node": nproc_per_node,
+        "launch.nnodes": nnodes, "launch.node_rank": node_rank, "launch.rdzv_endpoint": rdzv_endpoint,
+        "launch.max_restarts": max_restarts,
+    }
+    job = prepare_pretrain(preset=preset, config_file=config, loss=loss, flags=flags, sets=sets or [],
+                           dry_run=dry_run, overwrite=overwrite)
+    if dry_run:
+        typer.echo(dry_run_text(job), nl=False)
+        return
+    spec = {"command": "pretrain", "config": job.config.model_dump(),
+            "meta": {"preset": job.preset, "loss": job.loss, "argv": sys.argv}}
+    code = execute(spec, job.plan, job.config.launch, job.run_action)
+    if code == EXIT_STOPPED:
+        err.print(f"stopped; resume with the same command (exit status {EXIT_STOPPED})", highlight=False)
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------- subset
+
+
+@command
+def subset(
+    imagenet_dir: Annotated[Path, typer.Argument(help="Existing ImageNet in the PyTorch layout (train/<wnid>/…).")],
+    subset_dir: Annotated[Path, typer.Argument(help="Where to create the subset (created if missing).")],
+    classes: Annotated[Optional[Path], typer.Option(
+        help="Class list, one WordNet id (n + 8 digits) per line; default: the bundled ImageNet-100 list.")] = None,
+    splits: Annotated[str, typer.Option(help="Comma-separated splits to build.")] = "train,val",
+    link: Annotated[str, typer.Option(help="symlink (one link per class folder), hardlink or copy (per file).")]
+    = "symlink",
+    force: Annotated[bool, typer.Option("--force", help="Replace links that point elsewhere (never real files).")]
+    = False,
+) -> None:
+    """Build ImageNet-100 (or any class subset) from an ImageNet tree, checking everything first."""
+    from mauctl.subset import make_subset
+
+    split_list = [s.strip() for s in splits.split(",") if s.strip()]
+    summaries = make_subset(imagenet_dir, subset_dir, classes_file=classes, splits=split_list, link=link, force=force)
+    table = Table(title=f"{subset_dir}", title_justify="left")
+    for name in ("split", "classes", "images", "created", "already there"):
+        table.add_column(name, justify="left" if name == "split" else "right")
+    for s in summaries:
+        table.add_row(s.split, str(s.classes), str(s.images), str(s.created), str(s.existing))
+    out.print(table)
+
+
+def main() -> None:
+    app(prog_name="mauctl")

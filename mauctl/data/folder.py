@@ -1,0 +1,90 @@
+"""Image folders in the torchvision ImageFolder layout: ``ROOT/<split>/<class>/<image>``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mauctl.errors import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class FolderIndex:
+    """The classes (sorted, as torchvision) and the (path, label) samples of one split."""
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]
+
+    @property
+    def counts(self) -> list[int]:
+        counts = [0] * len(self.classes)
+        for _, label in self.samples:
+            counts[label] += 1
+        return counts
+
+
+def is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan_split(data_root: Path | str, split: str) -> FolderIndex:
+    """Index ``data_root/split``; refuse a missing split, a flat folder, or classes without images."""
+    data_root = Path(data_root)
+    root = data_root / split
+    if not data_root.is_dir():
+        raise UsageError(f"data folder {data_root} does not exist or is not a directory")
+    if not root.is_dir():
+        flat = any(is_image(e.name) for e in os.scandir(data_root) if e.is_file())
+        subdirs = sorted(e.name for e in os.scandir(data_root) if e.is_dir())
+        hint = f"Expected {data_root}/{split}/<class>/<image>"
+        if subdirs and not flat:
+            hint += f"; {data_root} holds class-like folders ({', '.join(subdirs[:3])}…): pass their parent's parent, or move them under {split}/"
+        raise UsageError(f"{root} does not exist", hint=hint + ".")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        loose = sum(1 for e in os.scandir(root) if e.is_file() and is_image(e.name))
+        raise UsageError(
+            f"{root} has no class folders" + (f" ({loose} images lie directly in it)" if loose else ""),
+            hint=f"Expected {root}/<class>/<image>, one folder per class.",
+        )
+    samples: list[tuple[str, int]] = []
+    empty = []
+    for label, name in enumerate(classes):
+        found = sorted(_images_under(root / name))
+        if not found:
+            empty.append(name)
+        samples += [(path, label) for path in found]
+    if empty:
+        shown = ", ".join(empty[:20]) + (f" and {len(empty) - 20} more" if len(empty) > 20 else "")
+        raise UsageError(f"{root}: {len(empty)} class folder(s) without images: {shown}",
+                         hint="Remove the empty folders or add images to them.")
+    return FolderIndex(root, classes, samples)
+
+
+def _images_under(folder: Path) -> list[str]:
+    found = []
+    for dirpath, _, files in os.walk(folder, followlinks=True):
+        found += [os.path.join(dirpath, f) for f in files if is_image(f)]
+    return found
+
+
+def data_root(data) -> Path:
+    """The folder a data config points at: ``data.root``, or the built-in dataset's cache folder."""
+    if data.root:
+        return Path(data.root)
+    if data.builtin == "digits":
+        from mauctl.data.digits import digits_folder
+
+        return digits_folder()
+    raise UsageError("no data: give a DATA folder (data.root) or a built-in dataset (data.builtin)")
+
+
+def class_list_digest(classes: list[str]) -> str:
+    """sha256 of the class names, one per line (the same digest as the bundled class-list file's)."""
+    import hashlib
+
+    return hashlib.sha256(("\n".join(classes) + "\n").encode()).hexdigest()

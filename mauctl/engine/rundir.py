@@ -1,0 +1,184 @@
+"""The run directory: what it holds, when it may be reused, and which checkpoint a run resumes from.
+
+    <run>/config.toml       the resolved config (pass it back with --config to repeat the run)
+    <run>/manifest.json     versions, world size, effective batch, dataset, git revision, starts
+    <run>/metrics.jsonl     one JSON object per logged step and per epoch
+    <run>/status.json       running / stopped / finished / failed, with the epoch and step
+    <run>/checkpoints/      last.pt every epoch, epoch_NNNN.pt every run.save_every epochs
+
+Nothing here deletes anything: ``--overwrite`` moves the old run aside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mauctl.engine import checkpoint
+from mauctl.errors import RunError, UsageError
+
+RUN_FILES = ("config.toml", "manifest.json", "metrics.jsonl", "status.json", "checkpoints")
+
+# Keys that may differ when a run is resumed; any other difference is a different run.
+RESUMABLE_CHANGES = {
+    "data.root", "data.workers", "optim.epochs",
+    "run.out", "run.print_freq", "run.save_every", "run.resume", "run.device", "run.precision",
+}
+RESUMABLE_SECTIONS = {"launch"}
+
+MIN_FREE_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def status(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return checkpoint.checkpoint_dir(self.path)
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / checkpoint.LAST
+
+    def is_run(self) -> bool:
+        return self.config.exists() or self.checkpoints.is_dir()
+
+    def has_checkpoint(self) -> bool:
+        return self.last.exists() or bool(checkpoint.kept_checkpoints(self.path))
+
+    def write_text(self, path: Path, text: str) -> None:
+        """Replace a small file whole (a reader sees the old or the new text, never a mix)."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+
+    def write_json(self, path: Path, data: dict[str, Any]) -> None:
+        self.write_text(path, json.dumps(data, indent=2) + "\n")
+
+    def read_status(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.status.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def set_status(self, state: str, **fields: Any) -> None:
+        self.write_json(self.status, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields})
+
+
+def check_before_launch(run: RunDir, resume: str, overwrite: bool, differences: list[str]) -> str:
+    """Decide what a run does with its directory, or refuse (UsageError) before anything starts.
+
+    Returns "new", "resume" or "replace" (start over, moving the old run aside). ``differences``
+    lists the config keys that differ from the directory's config.toml, if it has one.
+    """
+    path = run.path
+    if resume not in ("auto", "none"):
+        if overwrite:
+            raise UsageError("--resume PATH and --overwrite contradict each other",
+                             hint="--resume PATH continues from a checkpoint; --overwrite starts over.")
+        if not Path(resume).is_file():
+            raise UsageError(f"--resume {resume}: no such checkpoint file")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"run directory {path} exists and is not a directory", hint="Choose another --out.")
+    if not path.exists() or not any(path.iterdir()):
+        return "new"
+    if not run.is_run():
+        raise UsageError(
+            f"{path} is not empty and is not a mauctl run directory; mauctl will not write into it",
+            hint="Choose another --out (mauctl never overwrites files it did not create).",
+        )
+    if overwrite or resume == "none":
+        if not overwrite:
+            raise UsageError(
+                f"run directory {path} already holds a run and --resume none was given",
+                hint="Drop --resume none to continue it, add --overwrite to start over "
+                "(the old run is moved aside, not deleted), or choose another --out.",
+            )
+        return "replace"
+    if differences and resume == "auto":
+        raise UsageError(
+            f"{path} holds a run with a different configuration: " + "; ".join(differences),
+            hint="Use another --out for a new run, or --overwrite to start over in this one "
+            "(the old run is moved aside, not deleted).",
+        )
+    return "resume" if run.has_checkpoint() or resume != "auto" else "new"
+
+
+def config_differences(old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> list[str]:
+    diffs = []
+    for section in sorted(set(old) | set(new)):
+        if section in RESUMABLE_SECTIONS:
+            continue
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if f"{section}.{key}" not in RESUMABLE_CHANGES and a.get(key) != b.get(key):
+                diffs.append(f"{section}.{key} was {a.get(key)!r}, now {b.get(key)!r}")
+    return diffs
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a run directory to ``<name>.replaced-<timestamp>`` and return the new name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.replaced-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.replaced-{stamp}-{n}")
+    path.rename(target)
+    return target
+
+
+def check_writable(path: Path, need_bytes: int = MIN_FREE_BYTES) -> None:
+    """The run directory can be created and written, with room for about one checkpoint."""
+    probe_dir = path
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write the run directory {path}: {probe_dir} is not writable",
+                         hint="Choose another --out or fix the permissions.")
+    free = shutil.disk_usage(probe_dir).free
+    if free < need_bytes:
+        raise UsageError(
+            f"only {free / 2**20:.0f} MiB free under {probe_dir}; a checkpoint needs about {need_bytes / 2**20:.0f} MiB",
+            hint="Free some space or choose another --out.",
+        )
+
+
+def pick_checkpoint(run: RunDir, resume: str, log=print) -> tuple[Path | None, dict[str, Any] | None]:
+    """(path, state) to resume from: an explicit path, else last.pt, else the newest readable kept one."""
+    if resume == "none":
+        return None, None
+    if resume != "auto":
+        return Path(resume), checkpoint.load(Path(resume))
+    candidates = ([run.last] if run.last.exists() else []) + checkpoint.kept_checkpoints(run.path)
+    for path in candidates:
+        try:
+            return path, checkpoint.load(path)
+        except RunError as exc:
+            log(f"warning: {exc.message}; trying the previous checkpoint")
+    if candidates:
+        raise RunError(f"no readable checkpoint in {run.checkpoints}",
+                       hint="Every candidate was corrupt; use --overwrite to start over (the old run is kept).")
+    return None, None

@@ -1,0 +1,174 @@
+"""How many processes, on which device: decided once, before any worker starts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from mauctl.config import LaunchConfig, OptimConfig, RunConfig
+from mauctl.errors import EXIT_STOPPED, RunError, UsageError
+
+BN_GROUP = 32  # images per BatchNorm group: the reference's per-GPU batch (256 over 8 GPUs, 128 over 4)
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    nproc_per_node: int
+    nnodes: int
+    device_type: str  # "cpu" or "cuda"
+    inside_worker: bool  # already started by torchrun / srun
+
+    def per_process_batch(self, optim: OptimConfig) -> int:
+        return optim.batch_size // self.world_size
+
+
+def in_worker(environ: Mapping[str, str] | None = None) -> bool:
+    environ = os.environ if environ is None else environ
+    return "RANK" in environ and "WORLD_SIZE" in environ
+
+
+def device_type(run: RunConfig) -> str:
+    if run.device != "auto":
+        return run.device.split(":")[0]
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_plan(run: RunConfig, launch: LaunchConfig, optim: OptimConfig,
+              environ: Mapping[str, str] | None = None) -> Plan:
+    """World size from torchrun's variables when inside a worker, else from the launch config."""
+    environ = os.environ if environ is None else environ
+    kind = device_type(run)
+    if in_worker(environ):
+        world = int(environ["WORLD_SIZE"])
+        local = int(environ.get("LOCAL_WORLD_SIZE", world))
+        plan = Plan(world, local, max(1, world // local), kind, True)
+    else:
+        nproc = launch.nproc_per_node
+        if nproc == "auto":
+            nproc = _visible_gpus() if kind == "cuda" else 1
+        if kind == "cuda" and nproc > max(1, _visible_gpus()):
+            raise UsageError(
+                f"launch.nproc_per_node = {nproc} but only {_visible_gpus()} GPU(s) are visible",
+                hint="Lower --nproc-per-node or check CUDA_VISIBLE_DEVICES.",
+            )
+        plan = Plan(nproc * launch.nnodes, nproc, launch.nnodes, kind, False)
+    if optim.batch_size % plan.world_size:
+        raise UsageError(
+            f"optim.batch_size = {optim.batch_size} is not divisible by the world size {plan.world_size} "
+            f"({plan.nnodes} node(s) x {plan.nproc_per_node} process(es))",
+            hint="The batch size is global: choose one that splits evenly over the processes.",
+        )
+    return plan
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def bn_splits(requested: int, per_process_batch: int) -> int:
+    """BatchNorm groups per process: ``requested``, or (0 = auto) groups of about BN_GROUP images."""
+    if requested:
+        if per_process_batch % requested:
+            raise UsageError(
+                f"model.bn_splits = {requested} does not divide the per-process batch {per_process_batch}",
+                hint="Use a divisor of the per-process batch, or 0 for automatic.",
+            )
+        return requested
+    splits = max(1, per_process_batch // BN_GROUP)
+    while per_process_batch % splits:
+        splits -= 1
+    return splits
+
+
+# ---------------------------------------------------------------- starting the workers through torchrun
+
+JOB_ENV = "MAUCTL_JOB"
+STOP_SIGNAL_NAMES = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def torchrun_argv(plan: Plan, launch: LaunchConfig, rdzv_id: str) -> list[str]:
+    """torchrun's command line for this plan; the worker is ``python -m mauctl.worker``."""
+    argv = [f"--nproc-per-node={plan.nproc_per_node}", f"--max-restarts={launch.max_restarts}",
+            "--monitor-interval=0.5"]
+    if launch.nnodes == 1 and not launch.rdzv_endpoint:
+        argv.append("--standalone")
+    else:
+        argv += [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
+                 f"--rdzv-id={rdzv_id}"]
+    return argv + ["--module", "mauctl.worker"]
+
+
+def rdzv_id(out: str) -> str:
+    """The same id on every node of one job: SLURM's job id, or one derived from the run directory."""
+    import hashlib
+
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"mauctl-{os.environ['SLURM_JOB_ID']}"
+    return "mauctl-" + hashlib.sha256(str(out).encode()).hexdigest()[:12]
+
+
+def start_workers(job: dict, plan: Plan, launch: LaunchConfig) -> None:
+    """Run torchrun in this process until the workers end. Raises RunError if they failed."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    os.environ[JOB_ENV] = json.dumps(job)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nproc_per_node)))
+    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", STOP_SIGNAL_NAMES)
+    # Older torch handles no SIGUSR1 in the agent: turn it into the SIGTERM it does handle.
+    signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    try:
+        run(parse_args(torchrun_argv(plan, launch, rdzv_id(job["config"]["run"]["out"]))))
+    except SignalException as exc:
+        raise WorkersStopped(exc.sigval.name) from None
+    except ChildFailedError as exc:
+        failures = ", ".join(
+            f"rank {rank} exit code {f.exitcode}" + (f" ({f.signal_name()})" if f.exitcode < 0 else "")
+            for rank, f in sorted(exc.failures.items())
+        )
+        raise RunError(f"worker process(es) failed: {failures}; their messages are above") from None
+
+
+class WorkersStopped(Exception):
+    """The launcher itself got a stop signal; the workers were asked to save and stop."""
+
+
+def execute(job: dict, plan: Plan, launch: LaunchConfig, run_action: str) -> int:
+    """Run a prepared job: as this very process under an outside torchrun/srun, else through torchrun.
+
+    Returns the exit status: 0 finished, EXIT_STOPPED stopped by a signal (checkpoint saved), 1 failed.
+    """
+    from mauctl.engine.rundir import RunDir, move_aside
+
+    run = RunDir(Path(job["config"]["run"]["out"]))
+    if run_action == "replace":
+        moved = move_aside(run.path)
+        print(f"moved the previous run in {run.path} to {moved}")
+    if plan.inside_worker:
+        from mauctl.worker import run_job
+
+        return run_job(job)
+    try:
+        start_workers({**job, "launched_by_mauctl": True}, plan, launch)
+    except WorkersStopped as exc:
+        print(f"{exc.args[0]} received: the workers saved a checkpoint and stopped")
+    status = run.read_status()
+    if status.get("state") == "finished":
+        return 0
+    if status.get("state") == "stopped":
+        return EXIT_STOPPED
+    raise RunError(f"the run stopped without finishing (status: {status.get('state', 'unknown')})",
+                   hint="Run the same command to resume from the last checkpoint.")
