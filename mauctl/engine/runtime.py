@@ -1,0 +1,172 @@
+"""The process a worker runs in: process group, device, precision, seeds, stop signals.
+
+Written once for every job (pretrain, lincls). A worker is started by torchrun (``mauctl``'s
+own launcher, or the user's torchrun / srun); a single process without RANK/WORLD_SIZE works
+too and then has no process group at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import signal
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from mauctl.errors import RunError, UsageError
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 = no autocast
+    distributed: bool
+    stop: StopFlag = field(default_factory=lambda: StopFlag())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's rows, in rank order (no gradient)."""
+        if not self.distributed:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    def with_own_rows(self, x_local: torch.Tensor) -> torch.Tensor:
+        """The global batch with this rank's rows still attached to its autograd graph.
+
+        Every rank then computes the same global loss, and the gradient reaching its own rows is
+        the exact partial derivative of that loss; the others' rows get theirs on their rank.
+        """
+        if not self.distributed:
+            return x_local
+        parts = [torch.empty_like(x_local) for _ in range(self.world_size)]
+        dist.all_gather(parts, x_local.detach().contiguous())
+        parts[self.rank] = x_local
+        return torch.cat(parts)
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if it is True on any rank (for stopping together)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast_object(self, obj: object) -> object:
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        self.stop.restore()
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 / SIGINT (what SLURM and Ctrl-C send): finish the step, save, exit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError(f"run.device = {requested!r} but CUDA is not available here", hint="Use --device cpu.")
+    if requested.startswith("cuda:"):
+        return torch.device(requested)
+    return torch.device("cuda", local_rank)
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def start(device: str, precision: str, timeout_s: float = 1800.0) -> Runtime:
+    """Join the process group torchrun prepared (if any) and pick this rank's device."""
+    env = os.environ
+    distributed = "RANK" in env and "WORLD_SIZE" in env and int(env["WORLD_SIZE"]) > 1
+    rank = int(env.get("RANK", 0))
+    world = int(env.get("WORLD_SIZE", 1))
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if distributed:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                    device_id=dev if dev.type == "cuda" else None)
+        except Exception as exc:
+            raise RunError(f"rank {rank} could not join the process group ({backend}): {exc}") from None
+    runtime = Runtime(rank, world, local_rank, dev, resolve_dtype(precision, dev), distributed)
+    runtime.stop.install()
+    return runtime
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of values, the same on every machine and Python run."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state

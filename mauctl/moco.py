@@ -1,0 +1,96 @@
+"""MoCo: a query encoder, its momentum copy for the keys, a queue of past keys, shuffled BatchNorm.
+
+The losses (``mauctl.losses``) are computed here on the *global* batch: every rank gathers all
+queries and keys, so one process and N processes compute the same loss (Eq. 18's intra-batch
+pairs included), and the result does not depend on how the batch was split over GPUs.
+
+Shuffle BN: the key encoder sees the global batch in a random order, cut into the same
+contiguous BatchNorm groups as the query encoder (``bn_splits`` per process, over all ranks),
+so no group normalises a query together with its own positive key. On one process this is the
+reference's multi-GPU shuffle emulated by SplitBatchNorm2d groups.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mauctl.backbone import build_encoder, split_batchnorm
+from mauctl.config import LossConfig, ModelConfig
+from mauctl.losses import align_loss, contrastive_loss, topk_accuracy, uniform_loss
+
+
+class MoCo(nn.Module):
+    def __init__(self, model: ModelConfig, bn_splits: int) -> None:
+        super().__init__()
+        self.encoder_q = split_batchnorm(build_encoder(model.arch, model.dim, model.mlp, model.small_stem), bn_splits)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad_(False)
+        self.queue = KeyQueue(model.queue_size, model.dim)
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """key = m * key + (1 - m) * query, for every parameter (not the BN running statistics)."""
+        k_params = list(self.encoder_k.parameters())
+        q_params = [p.detach() for p in self.encoder_q.parameters()]
+        torch._foreach_mul_(k_params, m)
+        torch._foreach_add_(k_params, q_params, alpha=1.0 - m)
+
+
+class KeyQueue(nn.Module):
+    """The last K keys of the global batches, oldest overwritten first (rows are unit vectors)."""
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
+        self.ptr = 0  # a Python int: no device sync to read it
+
+    @torch.no_grad()
+    def push(self, keys: torch.Tensor) -> None:
+        n = keys.shape[0]
+        size = self.keys.shape[0]
+        if size % n:
+            raise ValueError(f"queue size {size} is not a multiple of the batch {n}")
+        self.keys[self.ptr : self.ptr + n] = keys.to(self.keys.dtype)
+        self.ptr = (self.ptr + n) % size
+
+
+def shuffled_keys(
+    encoder_k: nn.Module, x_k_local: torch.Tensor, runtime, generator: torch.Generator
+) -> torch.Tensor:
+    """Keys of the global batch, in the original order, computed on a shuffled global batch.
+
+    The permutation comes from ``generator``, seeded identically on every rank: no broadcast.
+    """
+    x_all = runtime.gather_rows(x_k_local)
+    n = x_all.shape[0]
+    perm = torch.randperm(n, generator=generator).to(x_all.device)
+    per_rank = n // runtime.world_size
+    mine = perm[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
+    with runtime.autocast():
+        k_mine = F.normalize(encoder_k(x_all[mine]).float(), dim=1)
+    k_shuffled = runtime.gather_rows(k_mine)
+    return k_shuffled[torch.argsort(perm)]
+
+
+def moco_losses(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """The weighted total and each active term (float32 tensors; no host sync)."""
+    out: dict[str, torch.Tensor] = {}
+    total = q.new_zeros((), dtype=torch.float32)
+    if cfg.contr_w:
+        out["contr"], logits = contrastive_loss(q, k, queue, cfg.contr_tau)
+        total = total + cfg.contr_w * out["contr"]
+        target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        out["acc1"], out["acc5"] = topk_accuracy(logits.detach(), target)
+    if cfg.align_w:
+        out["align"] = align_loss(q, k, cfg.align_alpha)
+        total = total + cfg.align_w * out["align"]
+    if cfg.unif_w:
+        out["unif"] = uniform_loss(q, queue, cfg.unif_t, cfg.intra_batch)
+        total = total + cfg.unif_w * out["unif"]
+    out["loss"] = total
+    return out
