@@ -6,6 +6,7 @@ writes the run directory. See ``mauctl.moco`` for the model and the shuffled key
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -123,14 +124,15 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                     ips = interval.count * cfg.optim.batch_size / max(interval.seconds(), 1e-9)
                     record = {"kind": "step", "epoch": epoch, "step": state["global_step"], "step_in_epoch": done,
                               "lr": lr, **values, "images_per_s": ips}
-                    reporter.step(record, {**values, "lr": lr, "img/s": ips}, steps)
+                    reporter.step(record, {**values, "lr": lr, "img/s": round(ips)}, steps)
                     interval = Interval()
-                if rt.any_rank(rt.stop.requested) and done < steps:
+                signum = rt.agreed_stop()
+                if signum and done < steps:
                     values = interval.read() if interval.count else {}
                     _check_finite(values, epoch, done, run_dir if rt.is_main else None)
                     _accumulate(state, values, interval.count)
                     save(epoch, done)
-                    _stopped(reporter, run_dir, rt, epoch, done)
+                    _stopped(reporter, run_dir, rt, signum, epoch, done)
                     return "stopped"
 
             means = {k: v / max(state["count"], 1) for k, v in state["sums"].items()}
@@ -141,8 +143,9 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
             if rt.is_main and cfg.run.save_every and (epoch + 1) % cfg.run.save_every == 0:
                 checkpoint.keep_copy(run_dir.last, run_dir.checkpoints / f"epoch_{epoch + 1:04d}.pt")
             reporter.end_epoch(record, {**means, "lr": lr})
-            if rt.any_rank(rt.stop.requested) and epoch + 1 < cfg.optim.epochs:
-                _stopped(reporter, run_dir, rt, epoch + 1, 0)
+            signum = rt.agreed_stop()
+            if signum and epoch + 1 < cfg.optim.epochs:
+                _stopped(reporter, run_dir, rt, signum, epoch + 1, 0)
                 return "stopped"
         if rt.is_main:
             run_dir.set_status("finished", epoch=cfg.optim.epochs, step_in_epoch=0, global_step=state["global_step"])
@@ -196,8 +199,8 @@ def _check_finite(values: dict[str, float], epoch: int, step: int, run_dir: RunD
     )
 
 
-def _stopped(reporter: Reporter, run_dir: RunDir, rt: Runtime, epoch: int, step: int) -> None:
-    signame = {15: "SIGTERM", 10: "SIGUSR1", 2: "SIGINT"}.get(rt.stop.signum or 0, "a signal")
+def _stopped(reporter: Reporter, run_dir: RunDir, rt: Runtime, signum: int, epoch: int, step: int) -> None:
+    signame = signal.Signals(signum).name
     if rt.is_main:
         run_dir.set_status("stopped", epoch=epoch, step_in_epoch=step, signal=signame)
     reporter.line(f"pretrain stopped by {signame} at epoch {epoch + 1}, step {step}: checkpoint saved to "

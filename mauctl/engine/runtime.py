@@ -67,13 +67,14 @@ class Runtime:
         parts[self.rank] = x_local
         return torch.cat(parts)
 
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank if it is True on any rank (for stopping together)."""
+    def agreed_stop(self) -> int:
+        """The stop signal any rank received (0 if none): the same number on every rank, so all stop together."""
+        signum = self.stop.signum or 0
         if not self.distributed:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            return signum
+        t = torch.tensor([signum], device=self.device, dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return int(t.item())
 
     def broadcast_object(self, obj: object) -> object:
         if not self.distributed:
