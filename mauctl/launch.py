@@ -157,6 +157,12 @@ def execute(job: dict, plan: Plan, launch: LaunchConfig, run_action: str) -> int
     if run_action == "replace":
         moved = move_aside(run.path)
         print(f"moved the previous run in {run.path} to {moved}")
+    status = run.read_status()
+    epochs = job["config"]["optim"]["epochs"]
+    if (run_action == "resume" and plan.nnodes == 1 and not plan.inside_worker
+            and status.get("state") == "finished" and status.get("epoch", 0) >= epochs):
+        print(f"{run.path} has already finished its {epochs} epochs; nothing to do (--epochs N trains longer)")
+        return 0
     if plan.inside_worker:
         from mauctl.worker import run_job
 

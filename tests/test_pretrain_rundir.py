@@ -140,3 +140,12 @@ def test_sigusr1_to_one_worker_stops_every_rank_with_a_checkpoint(tiny_images, t
                        "--epochs", "2", "--nproc-per-node", "2", "--out", str(run), cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert last(run)["epoch"] == 2
+
+
+def test_running_a_finished_run_again_does_nothing(tiny_images, finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    before = last(run)
+    result = run_mauctl("pretrain", str(tiny_images), *TINY, "--epochs", "1", "--out", str(run), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "already finished" in result.stdout
+    assert torch.equal(last(run)["queue"], before["queue"])
