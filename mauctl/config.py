@@ -509,3 +509,20 @@ def load_config(
 
 def _presets_for(command: str) -> list[str]:
     return [p.name for p in presets.all_presets() if p.command == command]
+
+
+# Keys that say where or how fast a run ran, not what it computed: left out of the digest.
+NOT_IN_DIGEST = {"data.root", "data.workers", "run.out", "run.print_freq", "run.resume", "run.save_every",
+                 "run.device", "run.precision"}
+
+
+def config_digest(config: BaseModel | Mapping[str, Any]) -> str:
+    """sha256 of what a config computes (sections and keys sorted; paths, speed and launch left out)."""
+    import hashlib
+
+    data = config.model_dump() if isinstance(config, BaseModel) else config
+    kept = {
+        section: {k: v for k, v in values.items() if f"{section}.{k}" not in NOT_IN_DIGEST}
+        for section, values in data.items() if section != "launch"
+    }
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
