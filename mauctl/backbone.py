@@ -60,15 +60,20 @@ def split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
     return module
 
 
-def last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
-    """(parent, attribute, layer) of the network's final nn.Linear: fc, classifier[-1], heads.head, ..."""
+def last_linear_path(model: nn.Module) -> str:
+    """Module path of the network's final nn.Linear: "fc", "classifier.1", "heads.head", ..."""
     found = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
             found = name
     if found is None:
         raise UsageError(f"{type(model).__name__} has no linear output layer to turn into a projection head")
-    parent_name, _, attr = found.rpartition(".")
+    return found
+
+
+def last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+    """(parent, attribute, layer) of the network's final nn.Linear."""
+    parent_name, _, attr = last_linear_path(model).rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     return parent, attr, getattr(parent, attr)
 
