@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -19,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mauctl import __version__
-from mauctl.config import PretrainConfig, describe
+from mauctl.config import LinclsConfig, PretrainConfig, describe
 from mauctl.errors import EXIT_STOPPED, MauctlError
 
 app = typer.Typer(
@@ -200,9 +199,7 @@ def pretrain(
     if dry_run:
         typer.echo(dry_run_text(job), nl=False)
         return
-    spec = {"command": "pretrain", "config": job.config.model_dump(),
-            "meta": {"preset": job.preset, "loss": job.loss, "argv": sys.argv}}
-    code = execute(spec, job.plan, job.config.launch, job.run_action)
+    code = execute(job.spec(), job.plan, job.config.launch, job.run_action)
     if code == EXIT_STOPPED:
         err.print(f"stopped; resume with the same command (exit status {EXIT_STOPPED})", highlight=False)
     raise typer.Exit(code)
@@ -234,6 +231,165 @@ def subset(
     for s in summaries:
         table.add_row(s.split, str(s.classes), str(s.images), str(s.created), str(s.existing))
     out.print(table)
+
+
+# ---------------------------------------------------------------- lincls
+
+
+def _lhelp(key: str) -> str:
+    return escape(describe(LinclsConfig, key))
+
+
+@command
+def lincls(
+    source: Annotated[Path, typer.Argument(
+        help="A pretraining run directory or checkpoint (mauctl, original MoCo, or a torchvision state dict).",
+        show_default=False)],
+    data: Annotated[Optional[Path], typer.Argument(
+        help="Folder with train/ and val/ (default: the pretraining run's dataset).", show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option(help="lincls (default) or lincls-in1k.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config laid over the preset.")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override any key: --set section.key=value (repeatable).")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Name of this probe: results go to <run>/lincls/<name> (default: the preset's name).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help=_lhelp("optim.epochs"), show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_lhelp("optim.batch_size"), show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=_lhelp("optim.lr"), show_default=False)] = None,
+    image_size: Annotated[Optional[int], typer.Option(
+        help=escape("Side of the square crop, in pixels (default: the pretraining run's)."), show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(help=_lhelp("data.workers"), show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_lhelp("run.seed"), show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(help=_lhelp("run.device"), show_default=False)] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", help="Output directory (default: <run>/lincls/<name>).",
+                                                   show_default=False)] = None,
+    resume: Annotated[Optional[str], typer.Option(help=_lhelp("run.resume"), show_default=False)] = None,
+    nproc_per_node: Annotated[Optional[str], typer.Option(help=_lhelp("launch.nproc_per_node"),
+                                                          show_default=False)] = None,
+    nnodes: Annotated[Optional[int], typer.Option(help=_lhelp("launch.nnodes"), show_default=False)] = None,
+    node_rank: Annotated[Optional[int], typer.Option(help=_lhelp("launch.node_rank"), show_default=False)] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(help=_lhelp("launch.rdzv_endpoint"),
+                                                         show_default=False)] = None,
+    max_restarts: Annotated[Optional[int], typer.Option(help=_lhelp("launch.max_restarts"),
+                                                        show_default=False)] = None,
+    evaluate: Annotated[bool, typer.Option("--evaluate", help="Only evaluate the trained classifier on val/.")]
+    = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Start this probe over (the old one is moved aside).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and check everything, print it, train nothing.")]
+    = False,
+) -> None:
+    """Linear classification on frozen features (the original main_lincls.py protocol)."""
+    from mauctl.config import to_toml
+    from mauctl.launch import execute
+    from mauctl.prepare import prepare_lincls
+
+    flags = {
+        "data.root": str(data.resolve()) if data is not None else None,
+        "data.builtin": "" if data is not None else None,
+        "optim.epochs": epochs, "optim.batch_size": batch_size, "optim.lr": lr, "data.image_size": image_size,
+        "data.workers": workers, "run.seed": seed, "run.device": device, "run.out": out_dir, "run.resume": resume,
+        "launch.nproc_per_node": nproc_per_node, "launch.nnodes": nnodes, "launch.node_rank": node_rank,
+        "launch.rdzv_endpoint": rdzv_endpoint, "launch.max_restarts": max_restarts,
+    }
+    job = prepare_lincls(source, preset=preset, config_file=config, flags=flags, sets=sets or [], name=name,
+                         evaluate=evaluate, overwrite=overwrite)
+    if dry_run:
+        header = (f"mauctl lincls --dry-run: nothing was trained or written.\n"
+                  f"encoder: {job.encoder.arch} from {job.encoder.path} ({job.encoder.source})\n"
+                  f"data: {job.data_root}: {len(job.train.classes)} classes, {len(job.train.samples)} train / "
+                  f"{len(job.val.samples)} val images\n"
+                  f"world size: {job.plan.world_size} on {job.plan.device_type}\noutput: {job.config.run.out}")
+        typer.echo(to_toml(job.config, header), nl=False)
+        return
+    code = execute(job.spec(), job.plan, job.config.launch, job.run_action)
+    if code == EXIT_STOPPED:
+        err.print(f"stopped; resume with the same command (exit status {EXIT_STOPPED})", highlight=False)
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------- report
+
+
+@command
+def report(
+    paths: Annotated[Optional[list[Path]], typer.Argument(
+        help="Run directories, or folders to scan for them (default: runs/).", show_default=False)] = None,
+    fmt: Annotated[str, typer.Option("--format", help="rich, markdown, csv or json.")] = "rich",
+    out_file: Annotated[Optional[Path], typer.Option(
+        "--out", help="Write the report to this file (replaces only a file an earlier report wrote).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="Also write a PNG scatter of reproduced vs published top-1 (needs matplotlib).")] = None,
+) -> None:
+    """The published accuracy table with your reproduced numbers beside the published ones."""
+    from mauctl.report import run_report
+
+    run_report(paths or [], fmt=fmt, out_file=out_file, plot=plot, console=out, err_console=err)
+
+
+# ---------------------------------------------------------------- export
+
+
+@command
+def export(
+    source: Annotated[Path, typer.Argument(
+        help="A run directory, a linear-probe folder (<run>/lincls/NAME: its best.pt), or a pretraining, "
+             "linear-probe, original MoCo or torchvision checkpoint.",
+        show_default=False)],
+    out_file: Annotated[Path, typer.Option(
+        "--out", help="File to write (its folder is created if missing).", show_default=False)],
+    fmt: Annotated[str, typer.Option(
+        "--format", help="safetensors (rebuilt by mauctl / torch.hub), torchvision (a state dict for "
+                         "torchvision.models), torchscript or onnx.")] = "safetensors",
+    head: Annotated[Optional[str], typer.Option(
+        help="none: backbone features; mlp: the pretraining projection, L2-normalised; linear: backbone + the "
+             "lincls classifier. Default: linear for a linear-probe checkpoint or with --lincls, else none.",
+        show_default=False)] = None,
+    lincls: Annotated[Optional[str], typer.Option(
+        "--lincls", help="For --head linear from a run: which <run>/lincls/NAME (default: the only one).",
+        show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+) -> None:
+    """Export the encoder for downstream use; the file is read back and must compute what the source does."""
+    from mauctl.export import export_encoder
+
+    done = export_encoder(source, out_file, fmt=fmt, head=head, lincls=lincls, force=force)
+    table = Table(title=f"exported {escape(str(done.path))}", title_justify="left", show_header=False)
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column()
+    size = done.size_bytes / 2**20
+    rows = [
+        ("source", str(done.source)), ("format", done.format), ("head", done.head), ("arch", done.arch),
+        ("output", "(batch, " + ", ".join(map(str, done.output_shape[1:])) + ")"),
+        ("size", f"{size:.1f} MiB" if size >= 0.1 else f"{done.size_bytes / 1024:.1f} KiB"),
+        ("max abs diff", f"{done.max_abs_diff:.3g} (limit {done.limit:.3g}, reloaded vs source)"),
+    ]
+    if done.top1 is not None:
+        rows.append(("lincls best top-1", f"{done.top1:.2f}"))
+    for name, value in rows:
+        table.add_row(name, escape(value))
+    out.print(table)
+    for note in done.notes:
+        out.print(f"note: {escape(note)}", highlight=False)
+
+
+# ---------------------------------------------------------------- demo
+
+
+@command
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs.")] = Path("runs"),
+    loss: Annotated[Optional[str], typer.Option(help="Loss column to pretrain with (default align3-unif3).")]
+    = None,
+) -> None:
+    """The whole chain on scikit-learn's digits, on a CPU, in minutes: pretrain, probe, export, report."""
+    from mauctl.demo import Stopped, run_demo
+
+    try:
+        run_demo(out_dir, loss, console=out)
+    except Stopped:
+        err.print(f"stopped; run `mauctl demo` again to go on (exit status {EXIT_STOPPED})", highlight=False)
+        raise typer.Exit(EXIT_STOPPED) from None
 
 
 def main() -> None:

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +16,13 @@ from typing import Any
 
 from mauctl import __version__
 from mauctl.backbone import check_encoder
-from mauctl.config import PretrainConfig, Resolved, load_config, loss_name, read_toml, to_toml
+from mauctl.config import DataConfig, LinclsConfig, PretrainConfig, Resolved, load_config, loss_name, read_toml, to_toml
 from mauctl.data.folder import FolderIndex, data_root, scan_split
 from mauctl.engine.rundir import RunDir, check_before_launch, check_writable, config_differences
 from mauctl.engine.schedule import describe_schedule
 from mauctl.errors import UsageError
 from mauctl.launch import Plan, bn_splits, in_worker, make_plan
+from mauctl.weights import Encoder, read_encoder
 
 
 @dataclass
@@ -35,6 +38,11 @@ class Job:
     @property
     def config(self) -> PretrainConfig:
         return self.resolved.config  # type: ignore[return-value]
+
+    def spec(self) -> dict[str, Any]:
+        """What the workers get: the command, the resolved config, what the run directory records."""
+        return {"command": "pretrain", "config": self.config.model_dump(),
+                "meta": {"preset": self.preset, "loss": self.loss, "argv": sys.argv}}
 
 
 def prepare_pretrain(
@@ -65,12 +73,8 @@ def prepare_pretrain(
         train = scan_split(data_root(config.data), "train")
     elif not config.data.builtin and not dry_run:
         raise UsageError("no training data: give a DATA folder (or data.root), or use --preset demo")
-    if train is not None and len(train.samples) < config.optim.batch_size:
-        raise UsageError(
-            f"{train.root} has {len(train.samples)} images, fewer than one global batch "
-            f"(optim.batch_size = {config.optim.batch_size})",
-            hint="Lower --batch-size (and model.queue_size, a multiple of it) or add images.",
-        )
+    if train is not None:
+        _check_one_batch(train, config.optim.batch_size, "Lower --batch-size (and model.queue_size, a multiple of it)")
     job = Job(resolved, plan, splits, train, preset, loss_name(config.loss))
     if owns_run_dir(config, environ):
         job.run_action = _check_run_dir(config, overwrite)
@@ -79,14 +83,14 @@ def prepare_pretrain(
     return job
 
 
-def owns_run_dir(config: PretrainConfig, environ: Mapping[str, str] | None = None) -> bool:
+def owns_run_dir(config: PretrainConfig | LinclsConfig, environ: Mapping[str, str] | None = None) -> bool:
     environ = os.environ if environ is None else environ
     if in_worker(environ):
         return int(environ["RANK"]) == 0
     return config.launch.node_rank == 0
 
 
-def _check_run_dir(config: PretrainConfig, overwrite: bool) -> str:
+def _check_run_dir(config: PretrainConfig | LinclsConfig, overwrite: bool) -> str:
     run = RunDir(Path(config.run.out))
     differences = []
     if run.config.is_file():
@@ -124,3 +128,111 @@ def dry_run_text(job: Job) -> str:
               "replace": "would start over, moving the old run aside"}[job.run_action]
     lines.append(f"run directory: {c.run.out} ({action})")
     return to_toml(c, "\n".join(lines))
+
+
+def _check_one_batch(index: FolderIndex, batch_size: int, fix: str) -> None:
+    if len(index.samples) < batch_size:
+        raise UsageError(
+            f"{index.root} has {len(index.samples)} images, fewer than one global batch "
+            f"(optim.batch_size = {batch_size})",
+            hint=f"{fix} or add images.",
+        )
+
+
+# ---------------------------------------------------------------- the linear probe
+
+
+@dataclass
+class LinclsJob:
+    resolved: Resolved
+    plan: Plan
+    encoder: Encoder
+    data_root: Path
+    train: FolderIndex
+    val: FolderIndex
+    name: str
+    evaluate: bool
+    run_action: str = "new"
+
+    @property
+    def config(self) -> LinclsConfig:
+        return self.resolved.config  # type: ignore[return-value]
+
+    def spec(self) -> dict[str, Any]:
+        return {"command": "lincls", "config": self.config.model_dump(),
+                "meta": {"source": str(self.encoder.path), "data_root": str(self.data_root), "name": self.name,
+                         "evaluate": self.evaluate}}
+
+
+def prepare_lincls(
+    source: Path,
+    *,
+    preset: str | None,
+    config_file: Path | None,
+    flags: Mapping[str, Any],
+    sets: Sequence[str],
+    name: str | None = None,
+    evaluate: bool = False,
+    environ: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> LinclsJob:
+    """Resolve the probe's config, the encoder, the data (by default the pretraining run's) and the output.
+
+    ``data.image_size`` not given anywhere is the pretraining run's; the output directory defaults
+    to ``<run>/lincls/<name>`` (``runs/<checkpoint>-lincls/<name>`` for a checkpoint from elsewhere).
+    """
+    enc = read_encoder(source)
+    if preset is None and config_file is None:
+        preset = "lincls"
+    resolved = load_config("lincls", preset=preset, config_file=config_file, flags=flags, sets=sets,
+                           environ=environ)
+    config: LinclsConfig = resolved.config  # type: ignore[assignment]
+    pretrain_data = DataConfig.model_validate(enc.config["data"]) if enc.config else None
+    if "data.image_size" not in resolved.origin and pretrain_data is not None:
+        config.data.image_size = pretrain_data.image_size
+        resolved.origin["data.image_size"] = "the pretraining run"
+    if config.data.root or config.data.builtin:
+        root = data_root(config.data)
+    elif pretrain_data is not None and (pretrain_data.root or pretrain_data.builtin):
+        root = data_root(pretrain_data)
+        config.data.root = str(root)
+        resolved.origin["data.root"] = "the pretraining run"
+    else:
+        raise UsageError(f"no data for the probe: {source} does not say which dataset it was trained on",
+                         hint="Give DATA, a folder with train/ and val/ (one subfolder per class).")
+    train, val = scan_split(root, "train"), scan_split(root, "val")
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise UsageError(
+            f"{root}: train/ and val/ have different classes (only in train: {', '.join(only_train[:10]) or '-'}; "
+            f"only in val: {', '.join(only_val[:10]) or '-'})",
+            hint="A linear probe needs the same class folders in both splits.",
+        )
+    name = name or preset or (config_file.stem if config_file else "lincls")
+    if not re.fullmatch(r"[\w.\-]+", name):
+        raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
+    if not config.run.out:
+        config.run.out = str(_default_lincls_out(enc, name))
+        resolved.origin["run.out"] = "derived from the checkpoint and --name"
+    if evaluate and enc.source != "mauctl-lincls":
+        trained = Path(config.run.out) / "best.pt"
+        if not trained.is_file():
+            raise UsageError(f"--evaluate: no trained classifier at {trained}",
+                             hint="Train the probe first (the same command without --evaluate).")
+        enc = read_encoder(trained)
+    plan = make_plan(config.run, config.launch, config.optim, environ)
+    if not evaluate:
+        _check_one_batch(train, config.optim.batch_size, "Lower --batch-size")
+    job = LinclsJob(resolved, plan, enc, root, train, val, name, evaluate)
+    if not evaluate and owns_run_dir(config, environ):
+        job.run_action = _check_run_dir(config, overwrite)
+    return job
+
+
+def _default_lincls_out(enc: Encoder, name: str) -> Path:
+    if enc.source == "mauctl-lincls":  # a probe's own checkpoint: its folder
+        folder = enc.path.resolve().parent
+        return folder.parent if folder.name == "checkpoints" else folder
+    base = enc.run_dir or Path("runs") / f"{enc.path.stem}-lincls"
+    return base / "lincls" / name

@@ -6,7 +6,6 @@ writes the run directory. See ``mauctl.moco`` for the model and the shuffled key
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from mauctl.config import PretrainConfig, to_toml
+from mauctl.config import PretrainConfig
 from mauctl.data.augment import TwoViews, pretrain_view
 from mauctl.data.folder import data_root, scan_split
 from mauctl.data.loader import EpochSampler, SeededImages, make_loader
 from mauctl.engine import checkpoint
-from mauctl.engine.manifest import write_manifest
-from mauctl.engine.progress import MetricsLog, Reporter
+from mauctl.engine.loop import Interval, accumulate, announce_stop, check_finite, epoch_means, start_run
+from mauctl.engine.progress import Reporter
 from mauctl.engine.rundir import RunDir, pick_checkpoint
 from mauctl.engine.runtime import Runtime, derive_seed, rng_state, seed_everything
 from mauctl.engine.schedule import lr_at
@@ -53,16 +52,8 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "sums": {}, "count": 0}
     resumed_from = _resume(cfg, rt, run_dir, model, optimizer, scaler, state)
 
-    log = None
-    if rt.is_main:
-        run_dir.path.mkdir(parents=True, exist_ok=True)
-        run_dir.write_text(run_dir.config, to_toml(cfg, "Resolved by mauctl pretrain; repeat the run with --config"))
-        write_manifest(run_dir, cfg, rt, meta, index, per_rank=per_rank, bn_splits=splits, resumed_from=resumed_from)
-        log = MetricsLog(run_dir.metrics)
-        if resumed_from:
-            log.write({"kind": "resume", "from": str(resumed_from), "epoch": state["epoch"],
-                       "step_in_epoch": state["step_in_epoch"], "world_size": rt.world_size})
-        run_dir.set_status("running", epoch=state["epoch"], step_in_epoch=state["step_in_epoch"])
+    log = start_run(run_dir, cfg, rt, meta, index, "pretrain", resumed_from, state, per_rank=per_rank,
+                    bn_splits=splits)
     reporter = Reporter(rt.is_main, "pretrain", log)
     reporter.line(
         f"pretrain: {len(index.samples)} images, {len(index.classes)} classes, world size {rt.world_size} on "
@@ -115,12 +106,12 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                 model.queue.push(k)
 
                 state["global_step"] += 1
-                interval.add(terms)
+                interval.add({name: terms[name] for name in TERMS if name in terms})
                 done = i + 1
                 if done % cfg.run.print_freq == 0 or done == steps:
                     values = interval.read()
-                    _check_finite(values, epoch, done, run_dir if rt.is_main else None)
-                    _accumulate(state, values, interval.count)
+                    check_finite(values, epoch, done, run_dir if rt.is_main else None)
+                    accumulate(state, values, interval.count)
                     ips = interval.count * cfg.optim.batch_size / max(interval.seconds(), 1e-9)
                     record = {"kind": "step", "epoch": epoch, "step": state["global_step"], "step_in_epoch": done,
                               "lr": lr, **values, "images_per_s": ips}
@@ -129,13 +120,13 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                 signum = rt.agreed_stop()
                 if signum and done < steps:
                     values = interval.read() if interval.count else {}
-                    _check_finite(values, epoch, done, run_dir if rt.is_main else None)
-                    _accumulate(state, values, interval.count)
+                    check_finite(values, epoch, done, run_dir if rt.is_main else None)
+                    accumulate(state, values, interval.count)
                     save(epoch, done)
-                    _stopped(reporter, run_dir, rt, signum, epoch, done)
+                    announce_stop(reporter, run_dir, rt.is_main, "pretrain", signum, epoch, done)
                     return "stopped"
 
-            means = {k: v / max(state["count"], 1) for k, v in state["sums"].items()}
+            means = epoch_means(state)
             seconds = time.perf_counter() - epoch_clock
             record = {"kind": "epoch", "epoch": epoch, "step": state["global_step"], "lr": lr, **means,
                       "images_per_s": (steps - first) * cfg.optim.batch_size / max(seconds, 1e-9), "seconds": seconds}
@@ -145,7 +136,7 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
             reporter.end_epoch(record, {**means, "lr": lr})
             signum = rt.agreed_stop()
             if signum and epoch + 1 < cfg.optim.epochs:
-                _stopped(reporter, run_dir, rt, signum, epoch + 1, 0)
+                announce_stop(reporter, run_dir, rt.is_main, "pretrain", signum, epoch + 1, 0)
                 return "stopped"
         if rt.is_main:
             run_dir.set_status("finished", epoch=cfg.optim.epochs, step_in_epoch=0, global_step=state["global_step"])
@@ -153,58 +144,6 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
         return "finished"
     finally:
         reporter.close()
-
-
-class Interval:
-    """Sums of the loss terms over the steps since the last log, kept on the device (no sync per step)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-        self.start = time.perf_counter()
-
-    def add(self, terms: dict[str, torch.Tensor]) -> None:
-        for name in TERMS:
-            if name in terms:
-                value = terms[name].detach()
-                self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
-        self.count += 1
-
-    def read(self) -> dict[str, float]:
-        names = list(self.sums)
-        values = torch.stack([self.sums[n] for n in names]).tolist() if names else []  # one host sync
-        return {n: v / self.count for n, v in zip(names, values)}
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
-
-
-def _accumulate(state: dict[str, Any], values: dict[str, float], count: int) -> None:
-    for name, value in values.items():
-        state["sums"][name] = state["sums"].get(name, 0.0) + value * count
-    state["count"] += count
-
-
-def _check_finite(values: dict[str, float], epoch: int, step: int, run_dir: RunDir | None) -> None:
-    """Every rank holds the same global loss, so every rank stops here together."""
-    if all(v == v and abs(v) != float("inf") for v in values.values()):
-        return
-    shown = ", ".join(f"{k} {v}" for k, v in values.items())
-    if run_dir is not None:
-        run_dir.set_status("failed", epoch=epoch, step_in_epoch=step, reason="non-finite loss")
-    raise RunError(
-        f"non-finite loss at epoch {epoch + 1}, step {step} ({shown}); training stopped, "
-        f"the last good checkpoint is kept",
-        hint="Lower optim.lr or use run.precision = 'fp32'; resume with the same command.",
-    )
-
-
-def _stopped(reporter: Reporter, run_dir: RunDir, rt: Runtime, signum: int, epoch: int, step: int) -> None:
-    signame = signal.Signals(signum).name
-    if rt.is_main:
-        run_dir.set_status("stopped", epoch=epoch, step_in_epoch=step, signal=signame)
-    reporter.line(f"pretrain stopped by {signame} at epoch {epoch + 1}, step {step}: checkpoint saved to "
-                  f"{run_dir.last}; run the same command to resume")
 
 
 def _save(run_dir: RunDir, cfg: PretrainConfig, rt: Runtime, model: MoCo, optimizer, scaler,

@@ -63,14 +63,19 @@ class Encoder:
 
     def projection_module(self) -> nn.Module:
         """The pretraining network as it was trained: backbone + projection head (no normalisation)."""
+        if self.source == "mauctl-lincls":
+            raise UsageError(f"{self.path} is a linear-probe checkpoint: its final layer is a classifier, "
+                             "not the pretraining projection head")
         model = build_encoder(self.arch, self.dim, self.mlp, self.small_stem)
-        model.load_state_dict(self.state_dict())
+        _load(model, self.state_dict(), self.path, strict=True)
         return model
 
     def backbone_module(self, num_classes: int | None = None) -> nn.Module:
         """The backbone with a new final linear layer for ``num_classes`` (N(0, 0.01), bias 0), or Identity."""
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
         model = build_encoder(self.arch, num_classes or 1, False, self.small_stem)
-        missing, unexpected = model.load_state_dict(self.backbone, strict=False)
+        missing, unexpected = _load(model, self.backbone, self.path, strict=False)
         missing = [k for k in missing
                    if not k.startswith(self.head_prefix + ".") and not k.endswith("num_batches_tracked")]
         if missing or unexpected:
@@ -85,9 +90,19 @@ class Encoder:
         return model
 
 
+def _load(model: nn.Module, state: dict[str, torch.Tensor], path: Path, strict: bool):
+    try:
+        return model.load_state_dict(state, strict=strict)
+    except RuntimeError as exc:
+        raise UsageError(f"{path}: the weights do not fit the architecture it names: "
+                         f"{str(exc).splitlines()[0]}", hint=EXPECTED + ".") from None
+
+
 def read_encoder(path: Path | str) -> Encoder:
     """Read any accepted checkpoint (see the module docstring); UsageError for anything else."""
     path = Path(path)
+    if path.is_dir() and (path / "best.pt").is_file():  # a linear probe's folder: its best classifier
+        return read_encoder(path / "best.pt")
     if path.is_dir():
         return _from_run_dir(path)
     if not path.is_file():
@@ -97,10 +112,14 @@ def read_encoder(path: Path | str) -> Encoder:
     except Exception as exc:  # RunError for unreadable files; at this boundary it is the user's input
         raise UsageError(getattr(exc, "message", str(exc)), hint=EXPECTED + ".") from None
     fmt = obj.get("format")
-    if fmt == PRETRAIN_FORMAT:
-        return _from_mauctl(obj, path)
-    if fmt == LINCLS_FORMAT:
-        return _from_lincls(obj, path)
+    try:
+        if fmt == PRETRAIN_FORMAT:
+            return _from_mauctl(obj, path)
+        if fmt == LINCLS_FORMAT:
+            return _from_lincls(obj, path)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{path}: a {fmt} checkpoint with missing or malformed parts ({exc!r})",
+                         hint="The file is damaged or was not written by this version of mauctl.") from None
     if isinstance(obj.get("state_dict"), dict) and any(k.startswith("module.encoder_q.") for k in obj["state_dict"]):
         return _from_moco(obj, path)
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -135,10 +154,12 @@ def _from_lincls(obj: dict, path: Path) -> Encoder:
     source = obj["source"]
     prefix = head_prefix(source["arch"])
     backbone, head = _split(obj["model"], prefix)
-    run = path.resolve().parents[2] if len(path.resolve().parents) > 2 else None
+    run = Path(source["run_dir"]) if source.get("run_dir") else None
+    if run is not None and not (run / "config.toml").is_file():
+        run = None  # the run was moved or deleted since the probe was trained
     return Encoder(source["arch"], source["small_stem"], False, head["weight"].shape[0], prefix, backbone, head,
-                   "mauctl-lincls", path, run if run and (run / "config.toml").exists() else None,
-                   source.get("config"), source.get("epoch"), extra={"lincls": obj.get("summary", {})})
+                   "mauctl-lincls", path, run, source.get("config"), source.get("epoch"),
+                   extra={"lincls": obj.get("summary", {})})
 
 
 def _from_moco(obj: dict, path: Path) -> Encoder:

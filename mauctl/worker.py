@@ -20,19 +20,21 @@ from mauctl.errors import EXIT_STOPPED, MauctlError
 
 def run_job(job: dict[str, Any]) -> int:
     """Run one job in this process; return the process exit status."""
-    from mauctl.config import PretrainConfig
+    from mauctl.config import LinclsConfig, PretrainConfig
     from mauctl.engine import runtime
 
-    config = PretrainConfig.model_validate(job["config"])
+    if job["command"] == "pretrain":
+        from mauctl.pretrain import run
+    elif job["command"] == "lincls":
+        from mauctl.lincls import run
+    else:
+        raise ValueError(f"unknown job {job['command']!r}")
+    schema = PretrainConfig if job["command"] == "pretrain" else LinclsConfig
+    config = schema.model_validate(job["config"])
     rt = None
     try:
         rt = runtime.start(config.run.device, config.run.precision)
-        if job["command"] == "pretrain":
-            from mauctl import pretrain
-
-            outcome = pretrain.run(config, rt, job.get("meta", {}))
-        else:
-            raise MauctlError(f"unknown job {job['command']!r}")
+        outcome = run(config, rt, job.get("meta", {}))
     except MauctlError as exc:
         rank = int(os.environ.get("RANK", 0))
         prefix = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""

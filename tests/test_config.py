@@ -11,7 +11,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from pydantic_settings import SettingsError
 
 from mauctl.config import (
     LossConfig,

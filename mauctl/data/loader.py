@@ -93,10 +93,11 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def make_loader(dataset: Dataset, sampler: EpochSampler, workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(dataset: Dataset, sampler: Sampler, workers: int, pin_memory: bool,
+                batch_size: int | None = None) -> DataLoader:
     return DataLoader(
         dataset,
-        batch_size=sampler.per_rank,
+        batch_size=batch_size or sampler.per_rank,
         sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
@@ -104,3 +105,16 @@ def make_loader(dataset: Dataset, sampler: EpochSampler, workers: int, pin_memor
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_ignore_stop_signals,
     )
+
+
+class ShardSampler(Sampler):
+    """Evaluation order: every ``world_size``-th image from ``rank`` on, each exactly once over all ranks."""
+
+    def __init__(self, size: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, size, world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((index, 0) for index in self.indices)

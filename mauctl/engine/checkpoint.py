@@ -28,7 +28,7 @@ def save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
+        os.fchmod(fd, 0o666 & ~file_mode_mask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -38,17 +38,23 @@ def save_atomic(obj: Any, path: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def keep_copy(last: Path, kept: Path) -> None:
-    """``kept`` becomes a second name for ``last``'s bytes (hard link; a copy where links fail)."""
-    if kept.exists():
+def keep_copy(last: Path, kept: Path, replace: bool = False) -> None:
+    """``kept`` becomes a second name for ``last``'s bytes (hard link; a copy where links fail).
+
+    An existing ``kept`` stays unless ``replace``; then it is replaced atomically.
+    """
+    if kept.exists() and not replace:
         return
+    tmp = kept.with_name(f".{kept.name}.{os.getpid()}.link")
     try:
-        os.link(last, kept)
+        os.link(last, tmp)
     except OSError:
         save_atomic(load(last), kept)
+        return
+    os.replace(tmp, kept)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -83,13 +89,13 @@ def kept_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _umask() -> int:
+def file_mode_mask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mauctl.config import read_toml
 from mauctl.engine import checkpoint
 from mauctl.errors import RunError, UsageError
 
@@ -77,11 +78,18 @@ class RunDir:
     def write_json(self, path: Path, data: dict[str, Any]) -> None:
         self.write_text(path, json.dumps(data, indent=2) + "\n")
 
-    def read_status(self) -> dict[str, Any]:
+    def read_json(self, name: str) -> dict[str, Any]:
+        """A JSON file of the run, or {} when it is missing or unreadable."""
         try:
-            return json.loads(self.status.read_text(encoding="utf-8"))
+            return json.loads((self.path / name).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return {}
+
+    def read_status(self) -> dict[str, Any]:
+        return self.read_json(self.status.name)
+
+    def read_toml_config(self) -> dict[str, Any]:
+        return read_toml(self.config)
 
     def set_status(self, state: str, **fields: Any) -> None:
         self.write_json(self.status, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields})

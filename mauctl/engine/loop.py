@@ -1,0 +1,93 @@
+"""What every training loop (pretrain, lincls) shares: starting the run files, running sums of
+the metrics without per-step host syncs, the non-finite check, and stopping on a signal."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Any
+
+import torch
+
+from mauctl.config import to_toml
+from mauctl.engine.manifest import write_manifest
+from mauctl.engine.progress import MetricsLog, Reporter
+from mauctl.engine.rundir import RunDir
+from mauctl.errors import RunError
+
+
+def start_run(run: RunDir, config: Any, runtime: Any, meta: dict[str, Any], index: Any, title: str,
+              resumed_from: Any, state: dict[str, Any], **effective: Any) -> MetricsLog | None:
+    """Rank 0: create the run directory, write config.toml, manifest.json, status, open metrics.jsonl."""
+    if not runtime.is_main:
+        return None
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_text(run.config, to_toml(config, f"Resolved by mauctl {title}; repeat the run with --config"))
+    write_manifest(run, config, runtime, {**meta, "command": title}, index, resumed_from=resumed_from, **effective)
+    log = MetricsLog(run.metrics)
+    if resumed_from:
+        log.write({"kind": "resume", "from": str(resumed_from), "epoch": state["epoch"],
+                   "step_in_epoch": state["step_in_epoch"], "world_size": runtime.world_size})
+    run.set_status("running", epoch=state["epoch"], step_in_epoch=state["step_in_epoch"])
+    return log
+
+
+class Interval:
+    """Sums of named scalar tensors over the steps since the last log, kept on the device."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.start = time.perf_counter()
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            value = value.detach()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.count += 1
+
+    def read(self) -> dict[str, float]:
+        names = list(self.sums)
+        values = torch.stack([self.sums[n].float() for n in names]).tolist() if names else []  # one host sync
+        return {n: v / self.count for n, v in zip(names, values)}
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def accumulate(state: dict[str, Any], values: dict[str, float], count: int) -> None:
+    """Add an interval's means (over ``count`` steps) to the epoch's running sums in ``state``."""
+    for name, value in values.items():
+        state["sums"][name] = state["sums"].get(name, 0.0) + value * count
+    state["count"] += count
+
+
+def epoch_means(state: dict[str, Any]) -> dict[str, float]:
+    return {k: v / max(state["count"], 1) for k, v in state["sums"].items()}
+
+
+def check_finite(values: dict[str, float], epoch: int, step: int, run: RunDir | None) -> None:
+    """Stop with the step and the loss terms when any is NaN or infinite.
+
+    The values are the same on every rank (global losses), so every rank stops here together.
+    """
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    shown = ", ".join(f"{k} {v}" for k, v in values.items())
+    if run is not None:
+        run.set_status("failed", epoch=epoch, step_in_epoch=step, reason="non-finite loss")
+    raise RunError(
+        f"non-finite loss at epoch {epoch + 1}, step {step} ({shown}); training stopped, "
+        f"the last good checkpoint is kept",
+        hint="Lower optim.lr or use run.precision = 'fp32'; resume with the same command.",
+    )
+
+
+def announce_stop(reporter: Reporter, run: RunDir, is_main: bool, title: str, signum: int, epoch: int,
+                  step: int) -> None:
+    signame = signal.Signals(signum).name
+    if is_main:
+        run.set_status("stopped", epoch=epoch, step_in_epoch=step, signal=signame)
+    reporter.line(f"{title} stopped by {signame} at epoch {epoch + 1}, step {step}: checkpoint saved to "
+                  f"{run.last}; run the same command to resume")

@@ -1,0 +1,305 @@
+"""The linear probe, top to bottom: the original main_lincls.py protocol on the shared engine.
+
+The pretrained backbone is frozen and kept in eval mode (its BatchNorm statistics stay the
+pretrained ones); only a new final linear layer (weights N(0, 0.01), bias 0) is trained, with
+SGD. Top-1 / top-5 on ``val/`` after every epoch; the best epoch is kept in ``best.pt``.
+After the first epoch every backbone weight is compared with the checkpoint's (it must not move).
+
+``<out>/results.json`` (what ``mauctl report`` reads)::
+
+    {"format": "mauctl.lincls-results/1", "name", "finished", "top1", "top5", "best_top1", "best_epoch",
+     "epochs_done", "wall_time_s",
+     "protocol": {"kind": "per-epoch", "epochs", "lr", "batch_size", "schedule", "cos", "momentum",
+                  "weight_decay", "image_size", "dataset": {"root", "classes", "train_images", "val_images",
+                  "class_list_sha256"}},
+     "pretrain": {"source", "path", "run_dir", "arch", "epoch", "config_digest", "config"},
+     "history": [{"epoch", "top1", "top5", "train_loss", "train_acc1", "lr"}, ...]}
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from mauctl.backbone import last_linear
+from mauctl.config import LinclsConfig
+from mauctl.data.augment import eval_transform, lincls_train_transform
+from mauctl.data.folder import FolderIndex, class_list_digest, scan_split
+from mauctl.data.loader import EpochSampler, SeededImages, ShardSampler, make_loader
+from mauctl.engine import checkpoint
+from mauctl.engine.loop import Interval, accumulate, announce_stop, check_finite, epoch_means, start_run
+from mauctl.engine.progress import Reporter
+from mauctl.engine.rundir import RunDir, pick_checkpoint
+from mauctl.engine.runtime import Runtime, rng_state, seed_everything
+from mauctl.engine.schedule import lr_at
+from mauctl.errors import RunError
+from mauctl.losses import topk_accuracy
+from mauctl.weights import Encoder, read_encoder
+
+FORMAT = "mauctl.lincls/1"
+RESULTS_FORMAT = "mauctl.lincls-results/1"
+
+
+def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
+    """Train the probe; return "finished", or "stopped" when a stop signal arrived (after saving)."""
+    cfg, rt = config, runtime
+    run_dir = RunDir(Path(cfg.run.out))
+    enc = read_encoder(meta["source"])
+    root = Path(meta["data_root"])
+    train, val = scan_split(root, "train"), scan_split(root, "val")
+    if meta.get("evaluate"):
+        return _evaluate_only(cfg, rt, enc, val, run_dir)
+
+    seed_everything(cfg.run.seed)
+    model = frozen_with_new_classifier(enc, len(train.classes)).to(rt.device)
+    fc = last_linear(model)[2]
+    net = model
+    if rt.distributed:
+        net = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(fc.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+
+    state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "sums": {}, "count": 0,
+                             "best_top1": -1.0, "best_epoch": 0, "history": [], "wall_time_s": 0.0}
+    resumed_from = _resume(cfg, rt, run_dir, model, optimizer, scaler, state)
+    log = start_run(run_dir, cfg, rt, meta, train, "lincls", resumed_from, state, source=str(enc.path))
+    reporter = Reporter(rt.is_main, "lincls", log)
+    reporter.line(
+        f"lincls: {enc.arch} from {enc.path} ({enc.source}), {len(train.classes)} classes, "
+        f"{len(train.samples)} train / {len(val.samples)} val images, world size {rt.world_size} on {rt.device.type}"
+        + (f", resuming at epoch {state['epoch'] + 1}" if resumed_from else "")
+    )
+
+    size = cfg.data.image_size
+    sampler = EpochSampler(len(train.samples), cfg.optim.batch_size, rt.rank, rt.world_size, cfg.run.seed)
+    loader = make_loader(SeededImages(train.samples, lincls_train_transform(size)), sampler, cfg.data.workers,
+                         pin_memory=rt.device.type == "cuda")
+    val_loader = make_loader(SeededImages(val.samples, eval_transform(size)),
+                             ShardSampler(len(val.samples), rt.rank, rt.world_size), cfg.data.workers,
+                             pin_memory=rt.device.type == "cuda", batch_size=sampler.per_rank)
+    steps = sampler.steps
+    source = _source_info(enc)
+    data_info = _dataset_info(root, train, val)
+
+    def save(epoch: int, step_in_epoch: int, best: bool = False) -> None:
+        if rt.is_main:
+            checkpoint.save_atomic(_checkpoint(cfg, model, optimizer, scaler, state, epoch, step_in_epoch, source),
+                                   run_dir.last)
+            if best:
+                checkpoint.keep_copy(run_dir.last, run_dir.path / "best.pt", replace=True)
+        rt.barrier()
+
+    try:
+        for epoch in range(state["epoch"], cfg.optim.epochs):
+            clock = time.perf_counter()
+            lr = lr_at(cfg.optim, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            first = state["step_in_epoch"] if epoch == state["epoch"] else 0
+            if first == 0:
+                state["sums"], state["count"] = {}, 0
+            sampler.set_epoch(epoch, first)
+            reporter.start_epoch(epoch, cfg.optim.epochs, steps, first)
+            model.eval()  # the backbone's BatchNorm keeps its pretrained statistics, as in main_lincls.py
+            interval = Interval()
+            for i, (x, y) in enumerate(loader, start=first):
+                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                with rt.autocast():
+                    logits = net(x)
+                loss = F.cross_entropy(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                state["global_step"] += 1
+                (acc1,) = topk_accuracy(logits.detach(), y, ks=(1,))
+                interval.add({"loss": loss, "acc1": acc1})
+                done = i + 1
+                if done % cfg.run.print_freq == 0 or done == steps:
+                    values = interval.read()
+                    check_finite(values, epoch, done, run_dir if rt.is_main else None)
+                    accumulate(state, values, interval.count)
+                    record = {"kind": "step", "epoch": epoch, "step": state["global_step"], "step_in_epoch": done,
+                              "lr": lr, **values}
+                    reporter.step(record, {**values, "lr": lr}, steps)
+                    interval = Interval()
+                signum = rt.agreed_stop()
+                if signum and done < steps:
+                    values = interval.read() if interval.count else {}
+                    accumulate(state, values, interval.count)
+                    state["wall_time_s"] += time.perf_counter() - clock
+                    save(epoch, done)
+                    announce_stop(reporter, run_dir, rt.is_main, "lincls", signum, epoch, done)
+                    return "stopped"
+
+            if epoch == 0 and first == 0:
+                check_frozen(model, enc)
+            top1, top5 = evaluate(net, val_loader, rt)
+            means = epoch_means(state)
+            state["history"].append({"epoch": epoch + 1, "top1": top1, "top5": top5,
+                                     "train_loss": means.get("loss"), "train_acc1": means.get("acc1"), "lr": lr})
+            best = top1 > state["best_top1"]
+            if best:
+                state["best_top1"], state["best_epoch"] = top1, epoch + 1
+            state["wall_time_s"] += time.perf_counter() - clock
+            save(epoch + 1, 0, best=best)
+            if rt.is_main:
+                _write_results(run_dir, cfg, meta, state, source, data_info, finished=epoch + 1 == cfg.optim.epochs)
+            reporter.end_epoch({"kind": "epoch", "epoch": epoch, "step": state["global_step"], "lr": lr,
+                                "train_loss": means.get("loss"), "train_acc1": means.get("acc1"),
+                                "top1": top1, "top5": top5},
+                               {"loss": means.get("loss", 0.0), "top1": top1, "top5": top5,
+                                "best": state["best_top1"]})
+            signum = rt.agreed_stop()
+            if signum and epoch + 1 < cfg.optim.epochs:
+                announce_stop(reporter, run_dir, rt.is_main, "lincls", signum, epoch + 1, 0)
+                return "stopped"
+        if rt.is_main:
+            _write_results(run_dir, cfg, meta, state, source, data_info, finished=True)
+            run_dir.set_status("finished", epoch=cfg.optim.epochs, step_in_epoch=0, global_step=state["global_step"])
+        reporter.line(f"lincls finished: best top-1 {state['best_top1']:.2f} at epoch {state['best_epoch']}; "
+                      f"results in {run_dir.path / 'results.json'}")
+        return "finished"
+    finally:
+        reporter.close()
+
+
+def frozen_with_new_classifier(enc: Encoder, num_classes: int) -> nn.Module:
+    """The pretrained backbone, every weight frozen, and a fresh trainable linear classifier."""
+    model = enc.backbone_module(num_classes)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in last_linear(model)[2].parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def check_frozen(model: nn.Module, enc: Encoder) -> None:
+    """Every backbone tensor still equals the checkpoint's; a RunError naming the ones that moved otherwise."""
+    current = model.state_dict()
+    moved = [k for k, v in enc.backbone.items() if k in current and not torch.equal(current[k].cpu(), v.cpu())]
+    if moved:
+        raise RunError(
+            f"the frozen backbone changed during the first epoch ({len(moved)} tensors, e.g. {', '.join(moved[:3])}); "
+            "a linear probe must leave it untouched, so this result would be meaningless",
+            hint="This is a bug: please report it with the command you ran.",
+        )
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, loader, rt: Runtime) -> tuple[float, float]:
+    """Top-1 and top-5 (percent) over the whole val set: each rank counts its shard, the counts are summed."""
+    net.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    for x, y in loader:
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            logits = net(x).float()
+        acc1, acc5 = topk_accuracy(logits, y, ks=(1, 5))
+        counts += torch.stack([acc1 * len(y) / 100, acc5 * len(y) / 100, torch.tensor(float(len(y)), device=rt.device)]).double()
+    if rt.distributed:
+        dist.all_reduce(counts)
+    correct1, correct5, total = counts.tolist()
+    return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
+
+
+def _evaluate_only(cfg: LinclsConfig, rt: Runtime, enc: Encoder, val: FolderIndex, run_dir: RunDir) -> str:
+    if enc.source != "mauctl-lincls":
+        raise RunError(f"--evaluate needs a trained classifier; {enc.path} is a {enc.source} checkpoint")
+    model = enc.backbone_module(enc.dim)
+    model.load_state_dict(enc.state_dict())
+    model.to(rt.device).eval()
+    loader = make_loader(SeededImages(val.samples, eval_transform(cfg.data.image_size)),
+                         ShardSampler(len(val.samples), rt.rank, rt.world_size), cfg.data.workers,
+                         pin_memory=rt.device.type == "cuda", batch_size=max(1, cfg.optim.batch_size // rt.world_size))
+    top1, top5 = evaluate(model, loader, rt)
+    if rt.is_main:
+        print(f"lincls --evaluate: {enc.path} on {len(val.samples)} val images: top-1 {top1:.2f}, top-5 {top5:.2f}")
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        run_dir.write_json(run_dir.path / "evaluate.json", {"checkpoint": str(enc.path), "top1": top1, "top5": top5,
+                                                             "val_images": len(val.samples)})
+    return "finished"
+
+
+def _source_info(enc: Encoder) -> dict[str, Any]:
+    return {"source": enc.source, "path": str(enc.path), "run_dir": str(enc.run_dir) if enc.run_dir else None,
+            "arch": enc.arch, "small_stem": enc.small_stem, "epoch": enc.epoch, "config_digest": enc.digest,
+            "config": enc.config}
+
+
+def _dataset_info(root: Path, train: FolderIndex, val: FolderIndex) -> dict[str, Any]:
+    return {"root": str(root.resolve()), "classes": len(train.classes), "train_images": len(train.samples),
+            "val_images": len(val.samples), "class_list_sha256": class_list_digest(train.classes)}
+
+
+def _write_results(run_dir: RunDir, cfg: LinclsConfig, meta: dict[str, Any], state: dict[str, Any],
+                   source: dict[str, Any], data_info: dict[str, Any], finished: bool) -> None:
+    last = state["history"][-1] if state["history"] else {}
+    o = cfg.optim
+    run_dir.write_json(run_dir.path / "results.json", {
+        "format": RESULTS_FORMAT,
+        "name": meta.get("name", run_dir.path.name),
+        "finished": finished,
+        "top1": last.get("top1"),
+        "top5": last.get("top5"),
+        "best_top1": state["best_top1"],
+        "best_epoch": state["best_epoch"],
+        "epochs_done": len(state["history"]),
+        "wall_time_s": state["wall_time_s"],
+        "protocol": {"kind": "per-epoch", "epochs": o.epochs, "lr": o.lr, "batch_size": o.batch_size,
+                     "schedule": list(o.schedule), "cos": o.cos, "momentum": o.momentum,
+                     "weight_decay": o.weight_decay, "image_size": cfg.data.image_size, "dataset": data_info},
+        "pretrain": source,
+        "history": state["history"],
+    })
+
+
+def _checkpoint(cfg: LinclsConfig, model: nn.Module, optimizer, scaler, state: dict[str, Any], epoch: int,
+                step_in_epoch: int, source: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "global_step": state["global_step"],
+        "epoch_sums": dict(state["sums"]),
+        "epoch_count": state["count"],
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "config": cfg.model_dump(),
+        "source": source,
+        "history": state["history"],
+        "wall_time_s": state["wall_time_s"],
+        "summary": {"best_top1": state["best_top1"], "best_epoch": state["best_epoch"]},
+    }
+
+
+def _resume(cfg: LinclsConfig, rt: Runtime, run_dir: RunDir, model: nn.Module, optimizer, scaler,
+            state: dict[str, Any]) -> Path | None:
+    path, ckpt = pick_checkpoint(run_dir, cfg.run.resume, log=print) if rt.is_main else (None, None)
+    path = rt.broadcast_object(str(path) if path else None)
+    if path is None:
+        return None
+    if ckpt is None:
+        ckpt = checkpoint.load(Path(path))
+    if ckpt.get("format") != FORMAT:
+        raise RunError(f"{path} is not a mauctl linear-probe checkpoint (format {ckpt.get('format')!r})")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    summary = ckpt.get("summary", {})
+    state.update(epoch=int(ckpt["epoch"]), step_in_epoch=int(ckpt["step_in_epoch"]),
+                 global_step=int(ckpt["global_step"]), sums=dict(ckpt.get("epoch_sums", {})),
+                 count=int(ckpt.get("epoch_count", 0)), history=list(ckpt.get("history", [])),
+                 best_top1=float(summary.get("best_top1", -1.0)), best_epoch=int(summary.get("best_epoch", 0)),
+                 wall_time_s=float(ckpt.get("wall_time_s", 0.0)))
+    return Path(path)

@@ -1,0 +1,837 @@
+"""`mauctl report`: the published accuracy table with the user's reproduced numbers beside it.
+
+Reading order: ``collect`` finds the linear-probe results under run directories (one
+``Entry`` per run and probe), ``match`` puts an entry in a cell of the table by what its
+pretraining config computes and lists every way it departs from the published protocol,
+``build_tables`` lays out the tables, and one renderer per format writes them.
+
+An entry goes into a cell only when it follows the published protocol exactly; an entry that
+is close to a cell but differs ("Not in the table") or that belongs to no cell ("Other runs")
+is listed apart with its reasons, never averaged into a published cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from mauctl import presets
+from mauctl.config import LINCLS_OPTIM, LossConfig, PretrainConfig, loss_name
+from mauctl.data.folder import class_list_digest
+from mauctl.errors import UsageError
+
+FORMATS = ("rich", "markdown", "csv", "json")
+RESULTS_FORMAT = "mauctl.lincls-results/"
+REPORT_FORMAT = "mauctl.report/1"
+TITLE = "mauctl report: published vs reproduced linear top-1 (%)"
+MARKDOWN_MARKER = f"<!-- {TITLE} -->"
+CSV_FIELDS = ["kind", "table", "row", "loss", "published", "label", "reproduced_mean", "reproduced_std", "n",
+              "diff", "best", "run", "probe", "best_top1", "top5", "reasons"]
+AUG_LABELS = {"v1": "Normal", "v2": "Strong Aug. + MLP Head + Cosine LR"}
+OFF = "†"  # marks a cell that has runs listed under "Not in the table", and those runs
+LEGEND = (f"Published / reproduced (difference); reproduced = best top-1 of the linear probe, mean ± std over "
+          f"seeds. Bold: best of the row (reproduced when the row has runs, else published). "
+          f"{OFF}: runs listed under \"Not in the table\".")
+
+# How each departure from the published protocol is said: "{have}, not {want}", or for a boolean
+# key the phrase for (have true, have false). The pretraining keys are the protocol besides the
+# row (aug, batch, LR) and the loss column; the probe keys are those of main_lincls.
+PROTOCOL_PHRASES = {
+    "optim.epochs": "pretrained {have} epochs, not {want}",
+    "model.arch": "architecture {have}, not {want}",
+    "data.image_size": "pretraining image size {have}, not {want}",
+    "model.dim": "feature dim {have}, not {want}",
+    "model.mlp": ("MLP head, not a linear one", "linear head, not the MLP head"),
+    "model.queue_size": "queue {have}, not {want}",
+    "model.key_momentum": "key momentum {have}, not {want}",
+    "model.small_stem": ("small-image ResNet stem", "standard ResNet stem, not the small-image one"),
+    "optim.cos": ("cosine LR, not the step schedule", "step LR, not cosine"),
+    "optim.schedule": "LR drops at epochs {have}, not {want}",
+    "optim.momentum": "SGD momentum {have}, not {want}",
+    "optim.weight_decay": "weight decay {have}, not {want}",
+}
+PROBE_PHRASES = {
+    "epochs": "probe: {have} epochs, not {want}",
+    "lr": "probe: LR {have}, not {want}",
+    "batch_size": "probe: batch {have}, not {want}",
+    "schedule": "probe: LR drops at epochs {have}, not {want}",
+    "cos": ("probe: cosine LR, not the step schedule", "probe: step LR, not cosine"),
+    "momentum": "probe: momentum {have}, not {want}",
+    "weight_decay": "probe: weight decay {have}, not {want}",
+    "image_size": "probe: image size {have}, not {want}",
+}
+
+
+# ---------------------------------------------------------------- collect
+
+
+@dataclass
+class Entry:
+    """One linear-probe result and the pretraining run it evaluates."""
+
+    results_path: Path
+    results: dict[str, Any]
+    run: Path | None  # the run directory, None for a checkpoint from elsewhere
+    config: dict[str, Any] | None  # the pretraining config: results' pretrain.config, else the run's config.toml
+    manifest: dict[str, Any] = field(default_factory=dict)
+    status: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def probe(self) -> str:
+        return str(self.results.get("name") or self.results_path.parent.name)
+
+    @property
+    def best_top1(self) -> float | None:
+        return _number(self.results.get("best_top1", self.results.get("top1")))
+
+    @property
+    def top5(self) -> float | None:
+        return _number(self.results.get("top5"))
+
+    @property
+    def label(self) -> str:
+        if self.run is not None:
+            return _shown_path(self.run)
+        checkpoint = (self.results.get("pretrain") or {}).get("path")
+        return _shown_path(Path(checkpoint)) if checkpoint else _shown_path(self.results_path.parent)
+
+
+def collect(paths: Sequence[Path], notes: list[str] | None = None) -> list[Entry]:
+    """Every (run, probe) under ``paths``: run directories, results.json files, or folders to scan."""
+    notes = [] if notes is None else notes
+    runs: list[Path] = []
+    loose: list[Path] = []  # results.json outside a run's lincls/ (probes of other checkpoints)
+    for path in paths:
+        if path.is_file():
+            loose.append(path)
+        elif _is_run(path):
+            runs.append(path)
+        else:
+            _scan(path, runs, loose)
+    entries: dict[Path, Entry] = {}
+    unprobed = []
+    for run in dict.fromkeys(runs):
+        found = sorted((run / "lincls").rglob("results.json")) if (run / "lincls").is_dir() else []
+        for results_path in found:
+            entry = _read_entry(results_path, run, notes)
+            if entry is not None:
+                entries.setdefault(results_path.resolve(), entry)
+        if not found:
+            unprobed.append(_shown_path(run))
+    for results_path in loose:
+        entry = _read_entry(results_path, None, notes)
+        if entry is not None:
+            entries.setdefault(results_path.resolve(), entry)
+    if unprobed:
+        notes.append(f"{len(unprobed)} run(s) without linear-probe results yet (`mauctl lincls RUN` adds them): "
+                     + ", ".join(unprobed) + ".")
+    return sorted(entries.values(), key=lambda e: (e.label, e.probe, str(e.results_path)))
+
+
+def _is_run(path: Path) -> bool:
+    """A pretraining run directory. A probe's own folder has the same files, with command "lincls"."""
+    if not ((path / "config.toml").is_file() and (path / "manifest.json").is_file()):
+        return False
+    try:
+        command = json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("command")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return True  # unreadable: collect() reports it
+    return command in (None, "pretrain")
+
+
+def _scan(root: Path, runs: list[Path], loose: list[Path]) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if _is_run(here):
+            runs.append(here)  # its probes are under lincls/
+            dirnames[:] = []
+            continue
+        if "results.json" in filenames:
+            loose.append(here / "results.json")
+        # runs moved aside by `pretrain --overwrite` were replaced by their user: not reported
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and ".replaced-" not in d)
+
+
+def _read_entry(results_path: Path, run: Path | None, notes: list[str]) -> Entry | None:
+    results = _read_json(results_path, notes)
+    if results is None:
+        return None
+    if not str(results.get("format", "")).startswith(RESULTS_FORMAT):
+        if run is not None:
+            notes.append(f"skipped {_shown_path(results_path)}: not a mauctl linear-probe results file.")
+        return None
+    pretrain = results.get("pretrain") or {}
+    if run is None and pretrain.get("run_dir") and _is_run(Path(pretrain["run_dir"])):
+        run = Path(pretrain["run_dir"])
+    manifest, status, run_config = {}, {}, None
+    if run is not None:
+        manifest = _read_json(run / "manifest.json", notes) or {}
+        status = _read_json(run / "status.json", notes, missing_ok=True) or {}
+        try:
+            run_config = tomllib.loads((run / "config.toml").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            notes.append(f"cannot read {_shown_path(run / 'config.toml')}: {exc}.")
+    config = pretrain.get("config") or run_config
+    return Entry(results_path, results, run, config, manifest, status)
+
+
+def _read_json(path: Path, notes: list[str], missing_ok: bool = False) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if not missing_ok:
+            notes.append(f"skipped {_shown_path(path)}: no such file.")
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        notes.append(f"skipped {_shown_path(path)}: not readable JSON ({exc.__class__.__name__}).")
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------- match
+
+
+class CellKey(NamedTuple):
+    table: str  # "imagenet100" or "imagenet"
+    row: str  # the reference row, e.g. "v2-b256"
+    loss: str  # the loss column, e.g. "align3-unif3"
+
+
+def match(entry: Entry) -> tuple[CellKey | None, list[str]]:
+    """The cell the entry's pretraining computes, and every way the entry departs from its protocol.
+
+    (None, reasons why it is no cell) when it matches no cell at all.
+    """
+    config = entry.config
+    if config is None:
+        source = (entry.results.get("pretrain") or {}).get("source") or "unknown"
+        return None, [f"no pretraining config ({source} checkpoint)"]
+    table, dataset_reasons = _table_of(entry)
+    row = _row_of(table, config)
+    loss, loss_reasons = _loss_of(config)
+    if table is None or row is None or loss is None:
+        why = dataset_reasons if table is None else []
+        if row is None:
+            aug, batch, lr = (_show(_get(config, k)) for k in ("data.aug", "optim.batch_size", "optim.lr"))
+            where = f" on {presets.TABLES[table]}" if table else ""
+            why.append(f"no published row for aug {aug}, batch {batch}, LR {lr}{where}")
+        why += loss_reasons if loss is None else []
+        return None, why
+    key = CellKey(table, row, loss)
+    return key, dataset_reasons + loss_reasons + _pretrain_reasons(entry, key) + _probe_reasons(entry, key)
+
+
+@cache
+def imagenet100_digest() -> str:
+    return class_list_digest(sorted(presets.resource_text("imagenet100_classes.txt").split()))
+
+
+def _table_of(entry: Entry) -> tuple[str | None, list[str]]:
+    dataset = entry.manifest.get("dataset")
+    reasons = []
+    if not isinstance(dataset, dict):
+        # no manifest: the probe's dataset stands in, which the published protocol does not guarantee
+        dataset = ((entry.results.get("protocol") or {}).get("dataset")) or {}
+        reasons.append("pretraining dataset unknown (no manifest.json)")
+    if dataset.get("class_list_sha256") == imagenet100_digest():
+        return "imagenet100", reasons
+    if dataset.get("classes") == 1000:
+        return "imagenet", reasons
+    classes = dataset.get("classes")
+    what = f"{classes} classes" if classes is not None else "unknown classes"
+    return None, reasons + [f"dataset: {what}, not ImageNet-100 or ImageNet"]
+
+
+def _row_of(table: str | None, config: dict[str, Any]) -> str | None:
+    """The reference row with the config's augmentation, global batch and LR (in any table when unknown)."""
+    for name in [table] if table else list(presets.TABLES):
+        for row in presets.reference_table()[name]:
+            if all(_same(row[k], _get(config, dotted)) for k, dotted in
+                   (("aug", "data.aug"), ("batch_size", "optim.batch_size"), ("lr", "optim.lr"))):
+                return row["row"]
+    return None
+
+
+def _loss_of(config: dict[str, Any]) -> tuple[str | None, list[str]]:
+    try:
+        loss = LossConfig(**(config.get("loss") or {}))
+    except (ValidationError, TypeError):
+        return None, ["loss config not readable"]
+    name = loss_name(loss)
+    if name is not None:
+        return name, []
+    if not loss.intra_batch:
+        near = loss_name(loss.model_copy(update={"intra_batch": True}))
+        if near is not None:
+            return near, ["uniformity over the queue only (Eq. 17); the table uses Eq. 18"]
+    return None, ["loss matches no published column"]
+
+
+@cache
+def row_protocol(table: str, row: str) -> dict[str, Any]:
+    """The pretraining values the published row was computed with: its preset over the defaults."""
+    preset = next((p for p in presets.all_presets() if p.reference == (table, row)), None)
+    values = preset.values if preset else {}
+    return {dotted: _get(values, dotted) for dotted in PROTOCOL_PHRASES}
+
+
+@cache
+def probe_protocol(table: str, row: str) -> dict[str, Any]:
+    """main_lincls's protocol: the `lincls` preset over the linear-probe defaults; images the size the
+    row was pretrained at unless the preset sets one."""
+    values = presets.load_preset("lincls").values
+    optim = {**LINCLS_OPTIM.model_dump(), **values.get("optim", {})}
+    image_size = values.get("data", {}).get("image_size", row_protocol(table, row)["data.image_size"])
+    return {**{k: optim[k] for k in PROBE_PHRASES if k != "image_size"}, "image_size": image_size}
+
+
+def _pretrain_reasons(entry: Entry, key: CellKey) -> list[str]:
+    config = entry.config or {}
+    reasons = []
+    expected = row_protocol(key.table, key.row)
+    for dotted, want in expected.items():
+        if dotted == "optim.schedule" and expected["optim.cos"]:
+            continue  # the cosine schedule has no drops
+        have = _get(config, dotted)
+        if not _same(have, want):
+            reasons.append(_differs(PROTOCOL_PHRASES[dotted], have, want))
+    if entry.run is None:
+        reasons.append("pretraining status unknown (no run directory)")
+    elif entry.status.get("state") != "finished":
+        reasons.append(f"pretraining not finished (state {entry.status.get('state') or 'unknown'})")
+    epoch = (entry.results.get("pretrain") or {}).get("epoch")
+    if isinstance(epoch, int) and not _same(epoch, _get(config, "optim.epochs")):
+        reasons.append(f"probed the epoch-{epoch} checkpoint, not the last one")
+    return reasons
+
+
+def _probe_reasons(entry: Entry, key: CellKey) -> list[str]:
+    protocol = entry.results.get("protocol")
+    if not isinstance(protocol, dict):
+        return ["probe protocol not recorded"]
+    reasons = []
+    kind = protocol.get("kind")
+    if kind != "per-epoch":
+        reasons.append(f"probe: {kind.replace('-', ' ')}" if isinstance(kind, str) else "probe: kind not recorded")
+    for name, want in probe_protocol(key.table, key.row).items():
+        have = protocol.get(name)
+        if not _same(have, want):
+            reasons.append(_differs(PROBE_PHRASES[name], have, want))
+    if entry.results.get("finished") is not True:
+        done, planned = entry.results.get("epochs_done", "?"), protocol.get("epochs", "?")
+        reasons.append(f"probe unfinished ({done}/{planned} epochs)")
+    probe_digest = (protocol.get("dataset") or {}).get("class_list_sha256")
+    pretrain_digest = (entry.manifest.get("dataset") or {}).get("class_list_sha256")
+    if probe_digest and pretrain_digest and probe_digest != pretrain_digest:
+        reasons.append("probe classes differ from the pretraining classes")
+    if entry.best_top1 is None:
+        reasons.append("no top-1 recorded")
+    return reasons
+
+
+def _differs(phrase: str | tuple[str, str], have: Any, want: Any) -> str:
+    if isinstance(phrase, tuple):
+        return phrase[0] if have else phrase[1]
+    return phrase.format(have=_show(have), want=_show(want))
+
+
+def _get(config: dict[str, Any], dotted: str) -> Any:
+    """``section.key`` of a config dict, or the schema default when the key is absent."""
+    section, key = dotted.split(".")
+    values = config.get(section) or {}
+    if key in values:
+        return values[key]
+    return getattr(PretrainConfig.model_fields[section].default, key)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return "?" if value is None else str(value)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _shown_path(path: Path) -> str:
+    """Relative to the working directory when under it (shorter, and the same on every machine)."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return absolute.relative_to(Path.cwd()).as_posix() or "."
+    except ValueError:
+        return absolute.as_posix()
+
+
+# ---------------------------------------------------------------- tables
+
+
+@dataclass
+class Cell:
+    key: CellKey
+    published: float | None
+    spread: float | None
+    label: str | None
+    entries: list[Entry] = field(default_factory=list)  # the published protocol, exactly
+    off_protocol: list[Entry] = field(default_factory=list)  # listed under "Not in the table"
+    best: bool = False
+
+    @property
+    def values(self) -> list[float]:
+        return [e.best_top1 for e in self.entries if e.best_top1 is not None]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if self.n > 1 else None
+
+    @property
+    def diff(self) -> float | None:
+        return None if self.mean is None or self.published is None else self.mean - self.published
+
+
+@dataclass
+class Row:
+    table: str
+    name: str
+    aug: str
+    batch_size: int
+    lr: float
+    cells: list[Cell]
+
+
+@dataclass
+class Report:
+    tables: dict[str, list[Row]]
+    not_in_table: list[tuple[Entry, CellKey, list[str]]]
+    other: list[tuple[Entry, list[str]]]
+    notes: list[str]
+
+    def cell(self, key: CellKey) -> Cell:
+        row = next(r for r in self.tables[key.table] if r.name == key.row)
+        return next(c for c in row.cells if c.key.loss == key.loss)
+
+    def cells(self) -> list[Cell]:
+        return [c for rows in self.tables.values() for r in rows for c in r.cells]
+
+
+def build_tables(entries: Sequence[Entry], notes: Sequence[str] = ()) -> Report:
+    reference = presets.reference_table()
+    losses = list(presets.loss_columns())
+    tables = {}
+    for table in presets.TABLES:
+        tables[table] = [
+            Row(table, row["row"], row["aug"], row["batch_size"], row["lr"], [
+                Cell(CellKey(table, row["row"], loss), row["top1"].get(loss), row.get("spread", {}).get(loss),
+                     row.get("label", {}).get(loss))
+                for loss in losses
+            ])
+            for row in reference[table]
+        ]
+    report = Report(tables, [], [], list(notes))
+    for entry in entries:
+        key, reasons = match(entry)
+        if key is None:
+            report.other.append((entry, reasons))
+        elif reasons:
+            report.not_in_table.append((entry, key, reasons))
+            report.cell(key).off_protocol.append(entry)
+        else:
+            report.cell(key).entries.append(entry)
+    for table, rows in tables.items():
+        published_best = {row["row"]: row.get("best") for row in reference[table]}
+        for row in rows:
+            _mark_best(row, published_best[row.name])
+    if not entries:
+        report.notes.append("No finished runs were found: only the published numbers are shown.")
+    return report
+
+
+def _mark_best(row: Row, published_best: str | None) -> None:
+    reproduced = [c for c in row.cells if c.mean is not None]
+    if reproduced:
+        top = max(c.mean for c in reproduced)
+        for c in reproduced:
+            c.best = math.isclose(c.mean, top)
+    elif published_best is not None:
+        for c in row.cells:
+            c.best = c.key.loss == published_best
+    else:
+        published = [c for c in row.cells if c.published is not None]
+        top = max((c.published for c in published), default=None)
+        for c in published:
+            c.best = c.published == top
+
+
+# ---------------------------------------------------------------- text of cells and rows
+
+
+def published_text(cell: Cell) -> str:
+    if cell.published is None:
+        return "-"
+    text = f"{cell.published:g}" + (f" ± {cell.spread:g}" if cell.spread else "")
+    return text + (f" ({cell.label})" if cell.label else "")
+
+
+def cell_text(cell: Cell) -> str:
+    """``73.12 (MoCo)``, ``73.12 (MoCo) / 72.80 (-0.32)``, ``75.62 / 75.10 ± 0.26 (n=3) (-0.52)``, ``-``."""
+    text = published_text(cell)
+    if cell.mean is None:
+        return text
+    reproduced = f"{cell.mean:.2f}" if cell.n == 1 else f"{cell.mean:.2f} ± {cell.std:.2f} (n={cell.n})"
+    if cell.diff is not None:
+        reproduced += f" ({cell.diff:+.2f})"
+    return f"{text} / {reproduced}"
+
+
+def row_head(rows: list[Row], i: int) -> list[str]:
+    """Augmentation (first row of its group only), batch size, initial LR."""
+    row = rows[i]
+    first = i == 0 or rows[i - 1].aug != row.aug
+    return [AUG_LABELS.get(row.aug, row.aug) if first else "", str(row.batch_size), f"{row.lr:g}"]
+
+
+def cell_name(key: CellKey) -> str:
+    return f"{presets.TABLES[key.table]} {key.row} {key.loss}"
+
+
+def dataset_name(entry: Entry) -> str:
+    table, _ = _table_of(entry)
+    if table is not None:
+        return presets.TABLES[table]
+    classes = (entry.manifest.get("dataset") or {}).get("classes")
+    return f"{classes} classes" if classes is not None else "unknown"
+
+
+def loss_label(entry: Entry) -> str:
+    if entry.config is None:
+        return "-"
+    return _loss_of(entry.config)[0] or "custom"
+
+
+def other_row(entry: Entry, reasons: list[str]) -> list[str]:
+    return [entry.label, dataset_name(entry), str(entry.manifest.get("preset") or "-"), loss_label(entry),
+            entry.probe, _pct(entry.best_top1), _pct(entry.top5), "; ".join(reasons)]
+
+
+def not_in_table_row(entry: Entry, key: CellKey, reasons: list[str], report: Report) -> list[str]:
+    return [OFF, entry.label, entry.probe, cell_name(key), _pct(entry.best_top1),
+            published_text(report.cell(key)), "; ".join(reasons)]
+
+
+HEAD = ["Augmentation", "Batch Size", "Initial LR"]
+NOT_IN_TABLE_HEAD = ["", "Run", "Probe", "Cell", "Best top-1", "Published", "Reasons"]
+OTHER_HEAD = ["Run", "Dataset", "Preset", "Loss", "Probe", "Best top-1", "Top-5", "Why not a cell"]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+# ---------------------------------------------------------------- renderers
+
+
+def render_markdown(report: Report) -> str:
+    losses = list(presets.loss_columns())
+    lines = [MARKDOWN_MARKER, "", "# Reference validation accuracy", "", LEGEND]
+    for table, rows in report.tables.items():
+        lines += ["", f"## {presets.TABLES[table]}", "", _md_row(HEAD + losses),
+                  _md_row(["---"] * (len(HEAD) + len(losses)))]
+        for i, row in enumerate(rows):
+            cells = []
+            for cell in row.cells:
+                text = f"**{cell_text(cell)}**" if cell.best else cell_text(cell)
+                cells.append(text + (f" {OFF}" if cell.off_protocol else ""))
+            lines.append(_md_row(row_head(rows, i) + cells))
+    if report.not_in_table:
+        lines += ["", "## Not in the table", "",
+                  "Runs of a table cell that differ from the published protocol, with every difference.", "",
+                  _md_row(NOT_IN_TABLE_HEAD), _md_row(["---"] * len(NOT_IN_TABLE_HEAD))]
+        lines += [_md_row(not_in_table_row(e, k, r, report)) for e, k, r in report.not_in_table]
+    if report.other:
+        lines += ["", "## Other runs", "", _md_row(OTHER_HEAD), _md_row(["---"] * len(OTHER_HEAD))]
+        lines += [_md_row(other_row(e, r)) for e, r in report.other]
+    if report.notes:
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in report.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def render_rich(report: Report, console: Console) -> None:
+    losses = list(presets.loss_columns())
+    console.print(TITLE, markup=False, highlight=False)
+    for table, rows in report.tables.items():
+        t = Table(title=presets.TABLES[table], title_justify="left")
+        for name in HEAD:
+            t.add_column(name, no_wrap=name != "Augmentation")
+        for loss in losses:
+            t.add_column(loss, justify="right")
+        for i, row in enumerate(rows):
+            cells = [Text(cell_text(c) + (f" {OFF}" if c.off_protocol else ""), style="bold" if c.best else "")
+                     for c in row.cells]
+            t.add_row(*row_head(rows, i), *cells)
+        console.print(t)
+    if report.not_in_table:
+        t = Table(title="Not in the table: runs of a cell that differ from the published protocol",
+                  title_justify="left")
+        for name in NOT_IN_TABLE_HEAD:
+            t.add_column(name)
+        for e, k, r in report.not_in_table:
+            t.add_row(*(Text(s) for s in not_in_table_row(e, k, r, report)))
+        console.print(t)
+    if report.other:
+        t = Table(title="Other runs", title_justify="left")
+        for name in OTHER_HEAD:
+            t.add_column(name)
+        for e, r in report.other:
+            t.add_row(*(Text(s) for s in other_row(e, r)))
+        console.print(t)
+    console.print(LEGEND, markup=False, highlight=False)
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+
+
+def render_rich_text(report: Report, width: int = 200) -> str:
+    buffer = io.StringIO()
+    render_rich(report, Console(file=buffer, width=width, color_system=None, force_terminal=False,
+                                soft_wrap=True))
+    return buffer.getvalue()
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def report_data(report: Report) -> dict[str, Any]:
+    """The report as plain data (the json format; the csv format flattens it)."""
+
+    def entry_data(e: Entry) -> dict[str, Any]:
+        return {"run": e.label, "probe": e.probe, "best_top1": e.best_top1, "top5": e.top5,
+                "results": _shown_path(e.results_path)}
+
+    tables = []
+    for table, rows in report.tables.items():
+        tables.append({"table": table, "title": presets.TABLES[table], "rows": [{
+            "row": row.name, "aug": row.aug, "augmentation": AUG_LABELS.get(row.aug, row.aug),
+            "batch_size": row.batch_size, "lr": row.lr,
+            "cells": [{
+                "loss": c.key.loss, "published": c.published, "spread": c.spread, "label": c.label,
+                "reproduced_mean": _r(c.mean), "reproduced_std": _r(c.std), "n": c.n, "diff": _r(c.diff),
+                "best": c.best, "text": cell_text(c), "entries": [entry_data(e) for e in c.entries],
+                "not_in_table": len(c.off_protocol),
+            } for c in row.cells],
+        } for row in rows]})
+    return {
+        "format": REPORT_FORMAT,
+        "tables": tables,
+        "not_in_table": [{**entry_data(e), **k._asdict(), "published": report.cell(k).published, "reasons": r}
+                         for e, k, r in report.not_in_table],
+        "other_runs": [{**entry_data(e), "dataset": dataset_name(e), "preset": e.manifest.get("preset"),
+                        "loss": loss_label(e), "reasons": r} for e, r in report.other],
+        "notes": report.notes,
+    }
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(report_data(report), indent=2, ensure_ascii=False) + "\n"
+
+
+class _CsvWriter(csv.DictWriter):
+    def writerow(self, rowdict):  # booleans as in JSON: true / false
+        return super().writerow({k: _show(v) if isinstance(v, bool) else v for k, v in rowdict.items()})
+
+
+def render_csv(report: Report) -> str:
+    buffer = io.StringIO()
+    writer = _CsvWriter(buffer, CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    data = report_data(report)
+    for table in data["tables"]:
+        for row in table["rows"]:
+            for c in row["cells"]:
+                base = {"table": table["table"], "row": row["row"], "loss": c["loss"], "published": c["published"],
+                        "label": c["label"]}
+                writer.writerow({"kind": "cell", **base, **{k: c[k] for k in (
+                    "reproduced_mean", "reproduced_std", "n", "diff")}, "best": c["best"]})
+                for e in c["entries"]:
+                    writer.writerow({"kind": "entry", **base, "run": e["run"], "probe": e["probe"],
+                                     "best_top1": e["best_top1"], "top5": e["top5"]})
+    for e in data["not_in_table"]:
+        writer.writerow({"kind": "not-in-table", **{k: e[k] for k in ("table", "row", "loss", "published", "run",
+                                                                        "probe", "best_top1", "top5")},
+                         "reasons": "; ".join(e["reasons"])})
+    for e in data["other_runs"]:
+        writer.writerow({"kind": "other", "loss": e["loss"], "run": e["run"], "probe": e["probe"],
+                         "best_top1": e["best_top1"], "top5": e["top5"], "reasons": "; ".join(e["reasons"])})
+    return buffer.getvalue()
+
+
+def write_plot(report: Report, path: Path) -> None:
+    """Reproduced vs published top-1, one point per reproduced cell, error bars = std over seeds."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    fig = Figure(figsize=(7, 7), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    points = [c for c in report.cells() if c.mean is not None and c.published is not None]
+    values = [v for c in points for v in (c.published, c.mean)] or [60.0, 80.0]
+    low, high = math.floor(min(values)) - 1, math.ceil(max(values)) + 1
+    ax.plot([low, high], [low, high], color="0.6", linestyle="--", linewidth=1, label="reproduced = published")
+    for table, marker in zip(presets.TABLES, "os"):
+        mine = [c for c in points if c.key.table == table]
+        if mine:
+            ax.errorbar([c.published for c in mine], [c.mean for c in mine], yerr=[c.std or 0.0 for c in mine],
+                        fmt=marker, capsize=3, label=presets.TABLES[table])
+        for c in mine:
+            ax.annotate(f"{c.key.row}×{c.key.loss}", (c.published, c.mean), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+    if not points:
+        ax.text(0.5, 0.5, "no reproduced cells yet", transform=ax.transAxes, ha="center", va="center")
+    ax.set(xlim=(low, high), ylim=(low, high), xlabel="published top-1 (%)", ylabel="reproduced top-1 (%)",
+           title="Linear top-1: reproduced vs published")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left", fontsize=8)
+    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": TITLE}))
+
+
+def _matplotlib() -> tuple[Any, Any]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError("--plot needs matplotlib, which is not installed",
+                         hint="pip install 'mauctl[plot]'") from None
+    return Figure, FigureCanvasAgg
+
+
+# ---------------------------------------------------------------- files and the command
+
+
+def written_by_report(path: Path) -> bool:
+    """Whether ``path`` holds a file an earlier `mauctl report` wrote (the only files it replaces)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return False
+    if head.startswith(b"\x89PNG"):
+        return TITLE.encode() in head
+    first = head.split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
+    if first in (MARKDOWN_MARKER, TITLE, ",".join(CSV_FIELDS)):
+        return True
+    if first == "{" and path.stat().st_size < 64 * 2**20:
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("format") == REPORT_FORMAT
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return False
+    return False
+
+
+def check_target(path: Path, option: str) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise UsageError(f"{option} {path}: exists and is not a regular file; mauctl report will not replace it",
+                         hint="Choose another file name.")
+    if path.exists() and not written_by_report(path):
+        raise UsageError(f"{option} {path}: the file exists and was not written by mauctl report; "
+                         "not overwriting it",
+                         hint="Choose another file name, or move that file away.")
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {path}: the folder {path.parent} does not exist")
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_report(paths: Sequence[Path], *, fmt: str = "rich", out_file: Path | None = None,
+               plot: Path | None = None, console: Console | None = None,
+               err_console: Console | None = None) -> Report:
+    """What `mauctl report` does: check the arguments, collect, match, render, write."""
+    console = console or Console()
+    err_console = err_console or Console(stderr=True)
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: expected one of " + ", ".join(FORMATS))
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise UsageError("no such run directory or folder: " + ", ".join(missing),
+                         hint="Give run directories or folders that hold them (default: runs/).")
+    for target, option in ((out_file, "--out"), (plot, "--plot")):
+        if target is not None:
+            check_target(target, option)
+    if out_file is not None and plot is not None and os.path.abspath(out_file) == os.path.abspath(plot):
+        raise UsageError("--out and --plot name the same file")
+    if plot is not None:
+        _matplotlib()
+    notes: list[str] = []
+    if paths:
+        entries = collect(paths, notes)
+    elif Path("runs").is_dir():
+        entries = collect([Path("runs")], notes)
+    else:
+        entries = []
+        notes.append(f"no runs/ folder in {Path.cwd()}; give run directories or folders to scan.")
+    report = build_tables(entries, notes)
+
+    if out_file is not None:
+        text = {"rich": render_rich_text, "markdown": render_markdown, "csv": render_csv,
+                "json": render_json}[fmt](report)
+        _write_atomically(out_file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        err_console.print(f"report written to {out_file}", markup=False, highlight=False)
+    elif fmt == "rich":
+        render_rich(report, console)
+    else:
+        text = {"markdown": render_markdown, "csv": render_csv, "json": render_json}[fmt](report)
+        console.file.write(text)
+        console.file.flush()
+        if fmt == "csv":
+            for note in report.notes:
+                err_console.print(f"note: {note}", markup=False, highlight=False)
+    if plot is not None:
+        write_plot(report, plot)
+        err_console.print(f"plot written to {plot}", markup=False, highlight=False)
+    return report

@@ -1,0 +1,146 @@
+"""`mauctl lincls`: the frozen-backbone linear probe on real folders, from every accepted checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, run_mauctl, write_image_folder
+from mauctl.backbone import build_encoder
+from mauctl.errors import RunError
+from mauctl.lincls import check_frozen, frozen_with_new_classifier
+from mauctl.weights import read_encoder
+
+PROBE = ["--epochs", "2", "--batch-size", "16", "--lr", "0.1", "--workers", "0", "--set", "run.print_freq=1"]
+
+
+def moco_checkpoint(path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An original MoCo checkpoint: {'arch', 'epoch', 'state_dict': {'module.encoder_q.*', ...}}."""
+    torch.manual_seed(seed)
+    encoder = build_encoder("resnet18", 32, mlp=True)
+    q = encoder.state_dict()
+    state = {f"module.encoder_q.{k}": v for k, v in q.items()}
+    state.update({f"module.encoder_k.{k}": v.clone() for k, v in q.items()})
+    state["module.queue"] = torch.randn(32, 64)
+    state["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    torch.save({"arch": "resnet18", "epoch": 200, "state_dict": state}, path)
+    return q
+
+
+def test_probe_of_an_original_moco_checkpoint_keeps_its_backbone_and_writes_results(tiny_images, tmp_path):
+    q = moco_checkpoint(tmp_path / "checkpoint_0199.pth.tar")
+    out = tmp_path / "probe"
+    result = run_mauctl("lincls", str(tmp_path / "checkpoint_0199.pth.tar"), str(tiny_images), "--image-size", "32",
+                        *PROBE, "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["format"] == "mauctl.lincls-results/1" and results["finished"]
+    assert results["epochs_done"] == 2 and len(results["history"]) == 2
+    assert results["best_top1"] == max(h["top1"] for h in results["history"])
+    assert results["protocol"]["dataset"]["classes"] == 3 and results["protocol"]["dataset"]["val_images"] == 12
+    assert results["pretrain"]["source"] == "moco" and results["pretrain"]["arch"] == "resnet18"
+    assert results["protocol"]["kind"] == "per-epoch" and results["protocol"]["lr"] == 0.1
+
+    best = torch.load(out / "best.pt", weights_only=True)
+    for key, value in q.items():
+        if not key.startswith("fc."):
+            assert torch.equal(best["model"][key], value), key  # frozen: BN statistics included
+    assert best["model"]["fc.weight"].shape == (3, 512)
+
+
+def test_probe_of_a_mauctl_run_uses_its_data_and_image_size(tiny_images, tmp_path):
+    run = tmp_path / "run"
+    assert run_mauctl("pretrain", str(tiny_images), *TINY, "--epochs", "1", "--out", str(run),
+                      cwd=tmp_path).returncode == 0
+    result = run_mauctl("lincls", str(run), *PROBE, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    probe = run / "lincls" / "lincls"
+    results = json.loads((probe / "results.json").read_text())
+    assert results["protocol"]["image_size"] == 32
+    assert Path(results["protocol"]["dataset"]["root"]) == tiny_images.resolve()
+    assert results["pretrain"]["source"] == "mauctl" and results["pretrain"]["config_digest"]
+    assert "image_size = 32" in (probe / "config.toml").read_text()
+
+    evaluated = run_mauctl("lincls", str(run), "--evaluate", "--workers", "0", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    top1 = json.loads((probe / "evaluate.json").read_text())["top1"]
+    assert top1 == pytest.approx(results["best_top1"])
+
+
+def test_two_processes_count_every_val_image_once(tiny_images, tmp_path):
+    moco_checkpoint(tmp_path / "moco.pt")
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["lincls", str(tmp_path / "moco.pt"), str(tiny_images), "--image-size", "32", *PROBE, "--epochs", "1"]
+    assert run_mauctl(*common, "--out", str(one), cwd=tmp_path).returncode == 0
+    result = run_mauctl(*common, "--out", str(two), "--nproc-per-node", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    a = json.loads((one / "results.json").read_text())
+    b = json.loads((two / "results.json").read_text())
+    # the same global batches and the same loss: the same classifier, evaluated on all 12 images
+    assert b["top1"] == pytest.approx(a["top1"], abs=1e-6)
+    assert b["top1"] * 12 / 100 == pytest.approx(round(b["top1"] * 12 / 100), abs=1e-6)
+
+
+def test_the_frozen_backbone_check_catches_a_moved_weight(tmp_path):
+    moco_checkpoint(tmp_path / "moco.pt")
+    enc = read_encoder(tmp_path / "moco.pt")
+    model = frozen_with_new_classifier(enc, 3)
+    check_frozen(model, enc)  # untouched: passes
+    with torch.no_grad():
+        model.layer1[0].conv1.weight[0, 0, 0, 0] += 1e-3
+    with pytest.raises(RunError, match="layer1.0.conv1.weight"):
+        check_frozen(model, enc)
+    with torch.no_grad():
+        model.layer1[0].conv1.weight[0, 0, 0, 0] -= 1e-3
+        model.bn1.running_mean += 0.1  # BatchNorm statistics count as weights too
+    with pytest.raises(RunError, match="bn1.running_mean"):
+        check_frozen(model, enc)
+
+
+def test_only_the_classifier_trains():
+    from mauctl.weights import Encoder
+
+    state = build_encoder("resnet18", 8).state_dict()
+    enc = Encoder("resnet18", False, False, 8, "fc", {k: v for k, v in state.items() if not k.startswith("fc.")},
+                  {"weight": state["fc.weight"], "bias": state["fc.bias"]}, "torchvision", Path("x"))
+    model = frozen_with_new_classifier(enc, 5)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["fc.weight", "fc.bias"]
+    assert model.fc.bias.abs().sum() == 0 and 0.005 < model.fc.weight.std() < 0.015  # N(0, 0.01), bias 0
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tiny_images, tmp_path):
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"state_dict": RunsCode()}, f)
+    result = run_mauctl("lincls", str(tmp_path / "evil.pt"), str(tiny_images), *PROBE, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "run code" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_an_unknown_checkpoint_layout_is_refused_with_the_expected_keys(tiny_images, tmp_path):
+    torch.save({"weights": torch.zeros(3), "notes": "mine"}, tmp_path / "other.pt")
+    result = run_mauctl("lincls", str(tmp_path / "other.pt"), str(tiny_images), *PROBE, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "module.encoder_q" in result.stderr and "notes, weights" in result.stderr
+
+
+def test_train_and_val_with_different_classes_are_refused(tmp_path):
+    data = write_image_folder(tmp_path / "data", classes=3, per_class=8, size=(16, 16))
+    write_image_folder(data, classes=2, per_class=2, size=(16, 16), split="val")
+    moco_checkpoint(tmp_path / "moco.pt")
+    result = run_mauctl("lincls", str(tmp_path / "moco.pt"), str(data), *PROBE, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "different classes" in result.stderr and "c2" in result.stderr
+    assert not (tmp_path / "runs").exists()

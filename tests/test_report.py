@@ -1,0 +1,364 @@
+"""`mauctl report`: the published table with the user's runs beside it.
+
+Each test fabricates run directories the way the trainer and the linear probe leave them
+(config.toml, manifest.json, status.json, lincls/<name>/results.json), runs the command and
+reads what came out.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import tomllib
+from functools import cache
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mauctl import presets
+from mauctl.cli import app
+from mauctl.config import PretrainConfig, load_config, to_toml
+
+IN100_DIGEST = hashlib.sha256(
+    ("\n".join(sorted(presets.resource_text("imagenet100_classes.txt").split())) + "\n").encode()
+).hexdigest()
+IN1K_DIGEST = hashlib.sha256(b"the 1000 ImageNet classes\n").hexdigest()
+DIGITS_DIGEST = hashlib.sha256(("\n".join(str(d) for d in range(10)) + "\n").encode()).hexdigest()
+DATASETS = {
+    "imagenet100": {"classes": 100, "images": 126689, "class_list_sha256": IN100_DIGEST},
+    "imagenet": {"classes": 1000, "images": 1281167, "class_list_sha256": IN1K_DIGEST},
+    "digits": {"classes": 10, "images": 1437, "class_list_sha256": DIGITS_DIGEST},
+}
+PROBE = {"kind": "per-epoch", "epochs": 100, "lr": 30.0, "batch_size": 256, "schedule": [60, 80], "cos": False,
+         "momentum": 0.9, "weight_decay": 0.0, "image_size": 224}
+
+
+@cache
+def pretrain_config(preset: str, loss: str, sets: tuple[str, ...] = ()) -> str:
+    return json.dumps(load_config("pretrain", preset=preset, loss=loss, sets=sets, environ={}).config.model_dump())
+
+
+@cache
+def lincls_config_toml() -> str:
+    return to_toml(load_config("lincls", preset="lincls", environ={}).config)
+
+
+def make_run(root: Path, name: str, *, preset: str, loss: str, sets: tuple[str, ...] = (),
+             dataset: str = "imagenet100", state: str = "finished") -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    config = json.loads(pretrain_config(preset, loss, sets))
+    (run / "config.toml").write_text(to_toml(PretrainConfig.model_validate(config)), encoding="utf-8")
+    manifest = {"preset": preset, "loss": loss, "world_size": 8, "global_batch": config["optim"]["batch_size"],
+                "dataset": {"root": f"/data/{dataset}", "split": "train", **DATASETS[dataset]}}
+    (run / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    (run / "status.json").write_text(json.dumps({"state": state, "epoch": config["optim"]["epochs"]}),
+                                     encoding="utf-8")
+    return run
+
+
+def add_probe(run: Path, best_top1: float, *, name: str = "lincls", top5: float = 90.0, finished: bool = True,
+              epochs_done: int = 100, **protocol) -> Path:
+    config = tomllib.loads((run / "config.toml").read_text(encoding="utf-8"))
+    dataset = json.loads((run / "manifest.json").read_text())["dataset"]
+    results = {
+        "format": "mauctl.lincls-results/1", "name": name, "finished": finished,
+        "top1": best_top1 - 0.3, "top5": top5, "best_top1": best_top1, "best_epoch": epochs_done - 3,
+        "epochs_done": epochs_done, "wall_time_s": 3600.0,
+        "protocol": {**PROBE, **protocol, "dataset": {"root": dataset["root"], "classes": dataset["classes"],
+                                                      "train_images": dataset["images"], "val_images": 5000,
+                                                      "class_list_sha256": dataset["class_list_sha256"]}},
+        "pretrain": {"source": "mauctl", "path": str(run / "checkpoints" / "last.pt"), "run_dir": str(run),
+                     "arch": config["model"]["arch"], "epoch": config["optim"]["epochs"], "config_digest": None,
+                     "config": config},
+        "history": [{"epoch": e, "top1": best_top1 - 1, "top5": top5, "train_loss": 1.0} for e in (1, 2)],
+    }
+    return write_probe_folder(run / "lincls" / name, results)
+
+
+def write_probe_folder(folder: Path, results: dict) -> Path:
+    """What `mauctl lincls` leaves in its output folder: its own config, manifest and status, and the results."""
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text(lincls_config_toml())
+    (folder / "manifest.json").write_text(json.dumps({"command": "lincls", "preset": "lincls", "loss": None}))
+    (folder / "status.json").write_text(json.dumps({"state": "finished" if results["finished"] else "stopped"}))
+    (folder / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    return folder / "results.json"
+
+
+def fabricate(root: Path) -> None:
+    """The runs of the exact-markdown test: several cells, three seeds, and runs that are not in the table."""
+    add_probe(make_run(root, "v1-b128_contr-t0.07", preset="v1-b128", loss="contr-t0.07"), 72.80)
+    for seed, top1 in ((1, 67.90), (2, 68.30), (3, 68.10)):
+        run = make_run(root, f"v2-b256_align3-unif3_seed{seed}", preset="v2-b256", loss="align3-unif3",
+                       sets=(f"run.seed={seed}",))
+        add_probe(run, top1)
+    add_probe(make_run(root, "v2-b256_contr-t0.2", preset="v2-b256", loss="contr-t0.2"), 66.00)
+    add_probe(make_run(root, "v2-b256_align3-unif3_e100", preset="v2-b256", loss="align3-unif3",
+                       sets=("optim.epochs=100",)), 70.10)
+    both = make_run(root, "v1-b256_align3-unif3", preset="v1-b256", loss="align3-unif3")
+    add_probe(both, 69.50)
+    add_probe(both, 68.90, name="cached", kind="cached-features")
+    add_probe(make_run(root, "v2-b128_align2-unif2", preset="v2-b128", loss="align2-unif2", state="stopped"),
+              71.25, finished=False, epochs_done=37)
+    add_probe(make_run(root, "in1k_align3-unif3", preset="in1k-v2-b256", loss="align3-unif3", dataset="imagenet"),
+              67.80, top5=88.1)
+    add_probe(make_run(root, "demo_align3-unif3", preset="demo", loss="align3-unif3", dataset="digits"),
+              91.30, top5=99.5)
+
+
+EXPECTED_MARKDOWN = """\
+<!-- mauctl report: published vs reproduced linear top-1 (%) -->
+
+# Reference validation accuracy
+
+Published / reproduced (difference); reproduced = best top-1 of the linear probe, mean ± std over seeds. \
+Bold: best of the row (reproduced when the row has runs, else published). †: runs listed under "Not in the table".
+
+## ImageNet-100
+
+| Augmentation | Batch Size | Initial LR | contr-t0.07 | contr-t0.2 | align2-unif2 | align3-unif3 | align4-unif4 |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+| Normal | 128 | 0.03 | **73.12 (MoCo) / 72.80 (-0.32)** | 75.54 | 75.44 | 75.62 | 74.52 |
+|  | 256 | 0.03 | 68.18 (MoCo) | 69.3 | 68.28 | **69.66 / 69.50 (-0.16)** † | 69.46 |
+|  | 256 | 0.06 | 71.08 (MoCo) | **73.52** | 73.34 | 73.36 | 73.18 |
+| Strong Aug. + MLP Head + Cosine LR | 128 | 0.03 | 73.92 | 77.54 (MoCo v2) | 77.4 † | **77.66** | 76.7 |
+|  | 256 | 0.03 | 69.64 | 67.52 (MoCo v2) / 66.00 (-1.52) | 66.92 | \
+**67.44 / 68.10 ± 0.20 (n=3) (+0.66)** † | 71.42 |
+|  | 256 | 0.06 | 73.36 | **76.32 (MoCo v2)** | 75.5 | 75.74 | 73.84 |
+
+## ImageNet
+
+| Augmentation | Batch Size | Initial LR | contr-t0.07 | contr-t0.2 | align2-unif2 | align3-unif3 | align4-unif4 |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+| Strong Aug. + MLP Head + Cosine LR | 256 | 0.03 | - | 67.5 ± 0.1 (MoCo v2) | - | **67.694 / 67.80 (+0.11)** | - |
+
+## Not in the table
+
+Runs of a table cell that differ from the published protocol, with every difference.
+
+|  | Run | Probe | Cell | Best top-1 | Published | Reasons |
+| --- | --- | --- | --- | --- | --- | --- |
+| † | runs/v1-b256_align3-unif3 | cached | ImageNet-100 v1-b256 align3-unif3 | 68.90 | 69.66 | probe: cached features |
+| † | runs/v2-b128_align2-unif2 | lincls | ImageNet-100 v2-b128 align2-unif2 | 71.25 | 77.4 | \
+pretraining not finished (state stopped); probe unfinished (37/100 epochs) |
+| † | runs/v2-b256_align3-unif3_e100 | lincls | ImageNet-100 v2-b256 align3-unif3 | 70.10 | 67.44 | \
+pretrained 100 epochs, not 200 |
+
+## Other runs
+
+| Run | Dataset | Preset | Loss | Probe | Best top-1 | Top-5 | Why not a cell |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+| runs/demo_align3-unif3 | 10 classes | demo | align3-unif3 | lincls | 91.30 | 99.50 | \
+dataset: 10 classes, not ImageNet-100 or ImageNet; no published row for aug v2, batch 128, LR 0.015 |
+"""
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, ["report", *args], env={"COLUMNS": "200"})
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    fabricate(tmp_path / "runs")
+    return tmp_path / "runs"
+
+
+def test_markdown_of_a_set_of_runs_is_exactly_the_readme_layout(runs):
+    result = invoke("runs", "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == EXPECTED_MARKDOWN
+
+
+def test_default_scans_runs_in_the_working_directory(runs):
+    result = invoke("--format", "markdown")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == EXPECTED_MARKDOWN
+
+
+def test_a_run_directory_given_alone_fills_only_its_cell(runs):
+    result = invoke("runs/v1-b128_contr-t0.07", "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    assert "| Normal | 128 | 0.03 | **73.12 (MoCo) / 72.80 (-0.32)** | 75.54 |" in result.stdout
+    assert "## Not in the table" not in result.stdout and "## Other runs" not in result.stdout
+
+
+def test_without_runs_the_cells_show_the_published_values_and_the_published_best(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    result = invoke("--format", "markdown")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    start = lines.index("## ImageNet-100") + 4
+    assert lines[start:start + 6] == [
+        "| Normal | 128 | 0.03 | 73.12 (MoCo) | 75.54 | 75.44 | **75.62** | 74.52 |",  # the `best` key
+        "|  | 256 | 0.03 | 68.18 (MoCo) | 69.3 | 68.28 | **69.66** | 69.46 |",  # the highest published
+        "|  | 256 | 0.06 | 71.08 (MoCo) | **73.52** | 73.34 | 73.36 | 73.18 |",
+        "| Strong Aug. + MLP Head + Cosine LR | 128 | 0.03 | 73.92 | 77.54 (MoCo v2) | 77.4 | **77.66** | 76.7 |",
+        "|  | 256 | 0.03 | 69.64 | 67.52 (MoCo v2) | 66.92 | 67.44 | **71.42** |",
+        "|  | 256 | 0.06 | 73.36 | **76.32 (MoCo v2)** | 75.5 | 75.74 | 73.84 |",
+    ]
+    assert "| Strong Aug. + MLP Head + Cosine LR | 256 | 0.03 | - | 67.5 ± 0.1 (MoCo v2) | - | **67.694** | - |" in lines
+    assert lines[-3:] == ["Notes:", "", "- No finished runs were found: only the published numbers are shown."]
+    assert "## Not in the table" not in result.stdout
+
+
+def test_no_runs_folder_still_prints_the_published_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke()
+    assert result.exit_code == 0, result.output
+    assert "73.12 (MoCo)" in result.stdout and "No finished runs were found" in result.stdout
+
+
+def test_rich_output_has_the_tables_and_the_reasons(runs):
+    result = invoke("runs")
+    assert result.exit_code == 0, result.output
+    for text in ("ImageNet-100", "Strong Aug. + MLP Head + Cosine LR", "73.12 (MoCo) / 72.80 (-0.32)",
+                 "67.44 / 68.10 ± 0.20 (n=3) (+0.66)", "pretrained 100 epochs, not 200", "probe: cached features",
+                 "Other runs", "runs/demo_align3-unif3"):
+        assert text in result.stdout, text
+
+
+def test_csv_has_one_line_per_cell_and_per_entry(runs):
+    result = invoke("runs", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    cell = [r for r in rows if r["row"] == "v2-b256" and r["loss"] == "align3-unif3" and r["table"] == "imagenet100"]
+    assert [r["kind"] for r in cell] == ["cell", "entry", "entry", "entry", "not-in-table"]
+    assert {k: cell[0][k] for k in ("published", "reproduced_mean", "reproduced_std", "n", "diff", "best")} == {
+        "published": "67.44", "reproduced_mean": "68.1", "reproduced_std": "0.2", "n": "3", "diff": "0.66",
+        "best": "true"}
+    assert sorted(r["run"] for r in cell[1:4]) == [f"runs/v2-b256_align3-unif3_seed{s}" for s in (1, 2, 3)]
+    assert cell[4]["reasons"] == "pretrained 100 epochs, not 200"
+    other = [r for r in rows if r["kind"] == "other"]
+    assert [(r["run"], r["best_top1"]) for r in other] == [("runs/demo_align3-unif3", "91.3")]
+    assert len([r for r in rows if r["kind"] == "cell"]) == 7 * 5
+
+
+def test_json_has_the_same_content(runs):
+    result = invoke("runs", "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["format"] == "mauctl.report/1"
+    table = next(t for t in data["tables"] if t["table"] == "imagenet100")
+    row = next(r for r in table["rows"] if r["row"] == "v2-b256")
+    cell = next(c for c in row["cells"] if c["loss"] == "align3-unif3")
+    assert {k: cell[k] for k in ("published", "reproduced_mean", "reproduced_std", "n", "diff", "best",
+                                 "not_in_table")} == {
+        "published": 67.44, "reproduced_mean": 68.1, "reproduced_std": 0.2, "n": 3, "diff": 0.66, "best": True,
+        "not_in_table": 1}
+    assert sorted(e["best_top1"] for e in cell["entries"]) == [67.9, 68.1, 68.3]
+    published_best = next(c for c in next(r for r in table["rows"] if r["row"] == "v2-b128")["cells"]
+                          if c["best"])
+    assert (published_best["loss"], published_best["n"]) == ("align3-unif3", 0)
+    reasons = {(e["run"], e["probe"]): e["reasons"] for e in data["not_in_table"]}
+    assert reasons[("runs/v2-b128_align2-unif2", "lincls")] == [
+        "pretraining not finished (state stopped)", "probe unfinished (37/100 epochs)"]
+    assert [e["dataset"] for e in data["other_runs"]] == ["10 classes"]
+
+
+def test_every_difference_from_the_protocol_is_a_reason(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = make_run(tmp_path / "runs", "odd", preset="v1-b128", loss="align3-unif3",
+                   sets=("optim.epochs=100", "model.queue_size=4096", "optim.weight_decay=0.0005",
+                         "loss.intra_batch=false"), state="running")
+    add_probe(run, 60.0, epochs=50, lr=10.0, kind="cached-features")
+    data = json.loads(invoke("runs", "--format", "json").stdout)
+    [entry] = data["not_in_table"]
+    assert (entry["table"], entry["row"], entry["loss"]) == ("imagenet100", "v1-b128", "align3-unif3")
+    assert entry["reasons"] == [
+        "uniformity over the queue only (Eq. 17); the table uses Eq. 18",
+        "pretrained 100 epochs, not 200",
+        "queue 4096, not 65536",
+        "weight decay 0.0005, not 0.0001",
+        "pretraining not finished (state running)",
+        "probe: cached features",
+        "probe: 50 epochs, not 100",
+        "probe: LR 10, not 30",
+    ]
+
+
+def test_a_custom_loss_and_an_external_checkpoint_are_other_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    custom = make_run(tmp_path / "runs", "custom", preset="v2-b256", loss="align3-unif3", sets=("loss.unif_t=5.0",))
+    add_probe(custom, 65.0)
+    external = add_probe(make_run(tmp_path / "tmp", "x", preset="v2-b256", loss="contr-t0.2"), 66.0)
+    data = json.loads(external.read_text())
+    data["pretrain"].update(source="moco", run_dir=None, config=None, path="/ckpt/moco_v2_200ep.pth.tar")
+    write_probe_folder(tmp_path / "runs" / "moco_v2_200ep-lincls" / "lincls" / "lincls", data)
+    result = json.loads(invoke("runs", "--format", "json").stdout)
+    assert [(e["run"], e["loss"], e["reasons"]) for e in result["other_runs"]] == [
+        ("/ckpt/moco_v2_200ep.pth.tar", "-", ["no pretraining config (moco checkpoint)"]),
+        ("runs/custom", "custom", ["loss matches no published column"]),
+    ]
+
+
+def test_out_writes_the_report_and_refuses_a_foreign_file(runs, tmp_path):
+    target = tmp_path / "table.md"
+    result = invoke("runs", "--format", "markdown", "--out", str(target))
+    assert result.exit_code == 0, result.output
+    assert target.read_text(encoding="utf-8") == EXPECTED_MARKDOWN
+    assert result.stdout == ""
+    again = invoke("runs", "--format", "csv", "--out", str(target))  # a report of ours: replaced
+    assert again.exit_code == 0, again.output
+    assert target.read_text(encoding="utf-8").startswith("kind,table,row,loss,published")
+    json_target = tmp_path / "table.json"
+    assert invoke("runs", "--format", "json", "--out", str(json_target)).exit_code == 0
+    assert invoke("runs", "--format", "json", "--out", str(json_target)).exit_code == 0
+
+    foreign = tmp_path / "notes.md"
+    foreign.write_text("my own notes\n", encoding="utf-8")
+    refused = invoke("runs", "--format", "markdown", "--out", str(foreign))
+    assert refused.exit_code == 2
+    assert "notes.md" in refused.output and "not written by mauctl report" in refused.output
+    assert foreign.read_text(encoding="utf-8") == "my own notes\n"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_plot_writes_a_png_and_refuses_a_foreign_file(runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "cells.png"
+    result = invoke("runs", "--format", "markdown", "--plot", str(target))
+    assert result.exit_code == 0, result.output
+    data = target.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert invoke("runs", "--plot", str(target)).exit_code == 0  # a plot of ours: replaced
+
+    foreign = tmp_path / "photo.png"
+    foreign.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+    refused = invoke("runs", "--plot", str(foreign))
+    assert refused.exit_code == 2 and "photo.png" in refused.output
+    assert foreign.read_bytes() == b"\x89PNG\r\n\x1a\n" + b"\0" * 100
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(runs, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    result = invoke("runs", "--plot", str(tmp_path / "cells.png"))
+    assert result.exit_code == 2
+    assert "pip install 'mauctl[plot]'" in result.output
+    assert not (tmp_path / "cells.png").exists()
+
+
+def test_a_missing_path_is_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("no/such/runs")
+    assert result.exit_code == 2
+    assert "no/such/runs" in result.output
+
+
+def test_an_unknown_format_is_a_usage_error(runs):
+    result = invoke("runs", "--format", "html")
+    assert result.exit_code == 2 and "html" in result.output
