@@ -393,4 +393,11 @@ def demo(
 
 
 def main() -> None:
-    app(prog_name="mauctl")
+    try:
+        app(prog_name="mauctl")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    from mauctl.worker import fast_exit
+
+    fast_exit(code)

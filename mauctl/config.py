@@ -206,11 +206,25 @@ class PretrainConfig(BaseModel):
 LINCLS_OPTIM = OptimConfig(lr=30.0, batch_size=256, epochs=100, schedule=[60, 80], momentum=0.9, weight_decay=0.0)
 
 
+class ProbeConfig(Section):
+    cached_features: bool = Field(
+        False,
+        description="Extract the frozen features once and train the linear layer on them: much faster, "
+        "but another protocol than the published one (report keeps such results apart).",
+    )
+    augmented_views: int = Field(
+        0, ge=0, le=64,
+        description="With cached_features: augmented training views (random crop + flip) cached per image; "
+        "0 = train on the centre crop.",
+    )
+
+
 class LinclsConfig(BaseModel):
     """Everything `mauctl lincls` needs; the defaults are the original main_lincls.py's protocol."""
 
     model_config = ConfigDict(extra="forbid")
     data: DataConfig = DataConfig()
+    lincls: ProbeConfig = ProbeConfig()
     optim: OptimConfig = LINCLS_OPTIM
     run: RunConfig = RunConfig()
     launch: LaunchConfig = LaunchConfig()

@@ -129,7 +129,7 @@ def start_workers(job: dict, plan: Plan, launch: LaunchConfig) -> None:
     os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", STOP_SIGNAL_NAMES)
     # Older torch handles no SIGUSR1 in the agent: turn it into the SIGTERM it does handle.
     signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # mauctl says what failed
     try:
         run(parse_args(torchrun_argv(plan, launch, rdzv_id(job["config"]["run"]["out"]))))
     except SignalException as exc:

@@ -37,7 +37,7 @@ from mauctl.engine import checkpoint
 from mauctl.engine.loop import Interval, accumulate, announce_stop, check_finite, epoch_means, start_run
 from mauctl.engine.progress import Reporter
 from mauctl.engine.rundir import RunDir, pick_checkpoint
-from mauctl.engine.runtime import Runtime, rng_state, seed_everything
+from mauctl.engine.runtime import Runtime, derive_seed, rng_state, seed_everything
 from mauctl.engine.schedule import lr_at
 from mauctl.errors import RunError
 from mauctl.losses import topk_accuracy
@@ -60,9 +60,6 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
     seed_everything(cfg.run.seed)
     model = frozen_with_new_classifier(enc, len(train.classes)).to(rt.device)
     fc = last_linear(model)[2]
-    net = model
-    if rt.distributed:
-        net = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
     optimizer = torch.optim.SGD(fc.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
@@ -72,22 +69,17 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
     resumed_from = _resume(cfg, rt, run_dir, model, optimizer, scaler, state)
     log = start_run(run_dir, cfg, rt, meta, train, "lincls", resumed_from, state, source=str(enc.path))
     reporter = Reporter(rt.is_main, "lincls", log)
+    kind = "cached features" if cfg.lincls.cached_features else "per-epoch"
     reporter.line(
-        f"lincls: {enc.arch} from {enc.path} ({enc.source}), {len(train.classes)} classes, "
+        f"lincls ({kind}): {enc.arch} from {enc.path} ({enc.source}), {len(train.classes)} classes, "
         f"{len(train.samples)} train / {len(val.samples)} val images, world size {rt.world_size} on {rt.device.type}"
         + (f", resuming at epoch {state['epoch'] + 1}" if resumed_from else "")
     )
-
-    size = cfg.data.image_size
-    sampler = EpochSampler(len(train.samples), cfg.optim.batch_size, rt.rank, rt.world_size, cfg.run.seed)
-    loader = make_loader(SeededImages(train.samples, lincls_train_transform(size)), sampler, cfg.data.workers,
-                         pin_memory=rt.device.type == "cuda")
-    val_loader = make_loader(SeededImages(val.samples, eval_transform(size)),
-                             ShardSampler(len(val.samples), rt.rank, rt.world_size), cfg.data.workers,
-                             pin_memory=rt.device.type == "cuda", batch_size=sampler.per_rank)
-    steps = sampler.steps
+    trainer = (CachedTrainer if cfg.lincls.cached_features else ImageTrainer)(cfg, rt, model, optimizer, scaler,
+                                                                               train, val, reporter)
     source = _source_info(enc)
     data_info = _dataset_info(root, train, val)
+    last_save = time.perf_counter()
 
     def save(epoch: int, step_in_epoch: int, best: bool = False) -> None:
         if rt.is_main:
@@ -106,43 +98,16 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
             first = state["step_in_epoch"] if epoch == state["epoch"] else 0
             if first == 0:
                 state["sums"], state["count"] = {}, 0
-            sampler.set_epoch(epoch, first)
-            reporter.start_epoch(epoch, cfg.optim.epochs, steps, first)
             model.eval()  # the backbone's BatchNorm keeps its pretrained statistics, as in main_lincls.py
-            interval = Interval()
-            for i, (x, y) in enumerate(loader, start=first):
-                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                with rt.autocast():
-                    logits = net(x)
-                loss = F.cross_entropy(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                state["global_step"] += 1
-                (acc1,) = topk_accuracy(logits.detach(), y, ks=(1,))
-                interval.add({"loss": loss, "acc1": acc1})
-                done = i + 1
-                if done % cfg.run.print_freq == 0 or done == steps:
-                    values = interval.read()
-                    check_finite(values, epoch, done, run_dir if rt.is_main else None)
-                    accumulate(state, values, interval.count)
-                    record = {"kind": "step", "epoch": epoch, "step": state["global_step"], "step_in_epoch": done,
-                              "lr": lr, **values}
-                    reporter.step(record, {**values, "lr": lr}, steps)
-                    interval = Interval()
-                signum = rt.agreed_stop()
-                if signum and done < steps:
-                    values = interval.read() if interval.count else {}
-                    accumulate(state, values, interval.count)
-                    state["wall_time_s"] += time.perf_counter() - clock
-                    save(epoch, done)
-                    announce_stop(reporter, run_dir, rt.is_main, "lincls", signum, epoch, done)
-                    return "stopped"
-
+            stopped_at = trainer.train_epoch(epoch, first, lr, state, run_dir)
+            if stopped_at is not None:
+                state["wall_time_s"] += time.perf_counter() - clock
+                save(epoch, stopped_at)
+                announce_stop(reporter, run_dir, rt.is_main, "lincls", rt.agreed_stop(), epoch, stopped_at)
+                return "stopped"
             if epoch == 0 and first == 0:
                 check_frozen(model, enc)
-            top1, top5 = evaluate(net, val_loader, rt)
+            top1, top5 = trainer.evaluate()
             means = epoch_means(state)
             state["history"].append({"epoch": epoch + 1, "top1": top1, "top5": top5,
                                      "train_loss": means.get("loss"), "train_acc1": means.get("acc1"), "lr": lr})
@@ -150,16 +115,21 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
             if best:
                 state["best_top1"], state["best_epoch"] = top1, epoch + 1
             state["wall_time_s"] += time.perf_counter() - clock
-            save(epoch + 1, 0, best=best)
+            final = epoch + 1 == cfg.optim.epochs
+            # cached epochs take milliseconds: a full checkpoint every epoch would cost more than training
+            if trainer.save_every_epoch or final or best or time.perf_counter() - last_save > 60:
+                save(epoch + 1, 0, best=best)
+                last_save = time.perf_counter()
             if rt.is_main:
-                _write_results(run_dir, cfg, meta, state, source, data_info, finished=epoch + 1 == cfg.optim.epochs)
+                _write_results(run_dir, cfg, meta, state, source, data_info, finished=final)
             reporter.end_epoch({"kind": "epoch", "epoch": epoch, "step": state["global_step"], "lr": lr,
                                 "train_loss": means.get("loss"), "train_acc1": means.get("acc1"),
                                 "top1": top1, "top5": top5},
                                {"loss": means.get("loss", 0.0), "top1": top1, "top5": top5,
                                 "best": state["best_top1"]})
             signum = rt.agreed_stop()
-            if signum and epoch + 1 < cfg.optim.epochs:
+            if signum and not final:
+                save(epoch + 1, 0)
                 announce_stop(reporter, run_dir, rt.is_main, "lincls", signum, epoch + 1, 0)
                 return "stopped"
         if rt.is_main:
@@ -172,9 +142,144 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
         reporter.close()
 
 
+class ImageTrainer:
+    """The published protocol: every epoch reads and augments the images and runs the frozen backbone."""
+
+    save_every_epoch = True
+
+    def __init__(self, cfg: LinclsConfig, rt: Runtime, model: nn.Module, optimizer, scaler,
+                 train: FolderIndex, val: FolderIndex, reporter: Reporter) -> None:
+        self.cfg, self.rt, self.optimizer, self.scaler, self.reporter = cfg, rt, optimizer, scaler, reporter
+        self.net = model
+        if rt.distributed:
+            self.net = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
+        size, pin = cfg.data.image_size, rt.device.type == "cuda"
+        self.sampler = EpochSampler(len(train.samples), cfg.optim.batch_size, rt.rank, rt.world_size, cfg.run.seed)
+        self.loader = make_loader(SeededImages(train.samples, lincls_train_transform(size)), self.sampler,
+                                  cfg.data.workers, pin_memory=pin)
+        self.val_loader = make_loader(SeededImages(val.samples, eval_transform(size)),
+                                      ShardSampler(len(val.samples), rt.rank, rt.world_size), cfg.data.workers,
+                                      pin_memory=pin, batch_size=self.sampler.per_rank)
+
+    def train_epoch(self, epoch: int, first: int, lr: float, state: dict[str, Any], run_dir: RunDir) -> int | None:
+        """One epoch from step ``first``; the step it stopped at when a stop signal came, else None."""
+        rt, steps = self.rt, self.sampler.steps
+        self.sampler.set_epoch(epoch, first)
+        self.reporter.start_epoch(epoch, self.cfg.optim.epochs, steps, first)
+        interval = Interval()
+        for i, (x, y) in enumerate(self.loader, start=first):
+            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+            with rt.autocast():
+                logits = self.net(x)
+            loss = _step(logits, y, self.optimizer, self.scaler)
+            state["global_step"] += 1
+            interval.add({"loss": loss, "acc1": topk_accuracy(logits.detach(), y, ks=(1,))[0]})
+            done = i + 1
+            if done % self.cfg.run.print_freq == 0 or done == steps:
+                interval = _log_interval(interval, epoch, done, steps, lr, state, self.reporter,
+                                         run_dir if rt.is_main else None)
+            if done < steps and rt.agreed_stop():
+                accumulate(state, interval.read() if interval.count else {}, interval.count)
+                return done
+        return None
+
+    def evaluate(self) -> tuple[float, float]:
+        return evaluate(self.net, self.val_loader, self.rt)
+
+
+class CachedTrainer:
+    """The fast variant: the frozen features are computed once; epochs train the linear layer on them.
+
+    Every rank extracts a shard of the features and receives all of them, then trains the same
+    classifier on the same global batches: no gradient traffic, the same result on every rank.
+    """
+
+    save_every_epoch = False
+
+    def __init__(self, cfg: LinclsConfig, rt: Runtime, model: nn.Module, optimizer, scaler,
+                 train: FolderIndex, val: FolderIndex, reporter: Reporter) -> None:
+        self.cfg, self.rt, self.optimizer, self.scaler, self.reporter = cfg, rt, optimizer, scaler, reporter
+        self.fc = last_linear(model)[2]
+        size, views = cfg.data.image_size, cfg.lincls.augmented_views
+        clock = time.perf_counter()
+        transforms = [(eval_transform(size), None)] if views == 0 else [
+            (lincls_train_transform(size), v) for v in range(1, views + 1)]
+        self.train_x = torch.stack([self._features(model, train, t, v) for t, v in transforms])  # (views, N, D)
+        self.train_y = torch.tensor([label for _, label in train.samples], device=rt.device)
+        self.val_x = self._features(model, val, eval_transform(size), None)
+        self.val_y = torch.tensor([label for _, label in val.samples], device=rt.device)
+        reporter.line(f"lincls: features of {len(transforms)} view(s) x {len(train.samples)} train and "
+                      f"{len(val.samples)} val images extracted in {time.perf_counter() - clock:.1f}s")
+        self.steps = len(train.samples) // cfg.optim.batch_size
+
+    def _features(self, model: nn.Module, index: FolderIndex, transform, view: int | None) -> torch.Tensor:
+        rt, seed = self.rt, self.cfg.run.seed
+        seed_of = None if view is None else (lambda i: derive_seed(seed, "view", view, i))
+        sampler = ShardSampler(len(index.samples), rt.rank, rt.world_size, seed_of)
+        loader = make_loader(SeededImages(index.samples, transform), sampler, self.cfg.data.workers,
+                             pin_memory=rt.device.type == "cuda",
+                             batch_size=max(1, self.cfg.optim.batch_size // rt.world_size))
+        parent, attr, fc = last_linear(model)
+        setattr(parent, attr, nn.Identity())
+        model.eval()
+        try:
+            with torch.no_grad():
+                parts = []
+                for x, _ in loader:
+                    with rt.autocast():
+                        parts.append(model(x.to(rt.device, non_blocking=True)).float())
+        finally:
+            setattr(parent, attr, fc)
+        local = torch.cat(parts) if parts else torch.empty(0, fc.in_features, device=rt.device)
+        return rt.gather_shards(local, len(index.samples))
+
+    def train_epoch(self, epoch: int, first: int, lr: float, state: dict[str, Any], run_dir: RunDir) -> None:
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "order", epoch))
+        order = torch.randperm(self.train_x.shape[1], generator=g).to(self.rt.device)
+        view = torch.randint(self.train_x.shape[0], (self.train_x.shape[1],), generator=g).to(self.rt.device)
+        batch = self.cfg.optim.batch_size
+        self.reporter.start_epoch(epoch, self.cfg.optim.epochs, self.steps, 0)
+        interval = Interval()
+        for i in range(self.steps):
+            idx = order[i * batch:(i + 1) * batch]
+            x, y = self.train_x[view[idx], idx], self.train_y[idx]
+            logits = self.fc(x)
+            loss = _step(logits, y, self.optimizer, self.scaler)
+            state["global_step"] += 1
+            interval.add({"loss": loss, "acc1": topk_accuracy(logits.detach(), y, ks=(1,))[0]})
+            if (i + 1) % self.cfg.run.print_freq == 0 or i + 1 == self.steps:
+                interval = _log_interval(interval, epoch, i + 1, self.steps, lr, state, self.reporter,
+                                         run_dir if self.rt.is_main else None)
+        return None
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        acc1, acc5 = topk_accuracy(self.fc(self.val_x), self.val_y, ks=(1, 5))
+        return acc1.item(), acc5.item()
+
+
+def _step(logits: torch.Tensor, y: torch.Tensor, optimizer, scaler) -> torch.Tensor:
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
+def _log_interval(interval: Interval, epoch: int, done: int, steps: int, lr: float, state: dict[str, Any],
+                  reporter: Reporter, run_dir: RunDir | None) -> Interval:
+    values = interval.read()
+    check_finite(values, epoch, done, run_dir)
+    accumulate(state, values, interval.count)
+    reporter.step({"kind": "step", "epoch": epoch, "step": state["global_step"], "step_in_epoch": done, "lr": lr,
+                   **values}, {**values, "lr": lr}, steps)
+    return Interval()
+
+
 def frozen_with_new_classifier(enc: Encoder, num_classes: int) -> nn.Module:
-    """The pretrained backbone, every weight frozen, and a fresh trainable linear classifier."""
-    model = enc.backbone_module(num_classes)
+    """The pretrained backbone, every weight frozen, in eval mode, and a fresh trainable linear classifier."""
+    model = enc.backbone_module(num_classes).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     for p in last_linear(model)[2].parameters():
@@ -254,7 +359,8 @@ def _write_results(run_dir: RunDir, cfg: LinclsConfig, meta: dict[str, Any], sta
         "best_epoch": state["best_epoch"],
         "epochs_done": len(state["history"]),
         "wall_time_s": state["wall_time_s"],
-        "protocol": {"kind": "per-epoch", "epochs": o.epochs, "lr": o.lr, "batch_size": o.batch_size,
+        "protocol": {"kind": "cached-features" if cfg.lincls.cached_features else "per-epoch",
+                     "augmented_views": cfg.lincls.augmented_views, "epochs": o.epochs, "lr": o.lr, "batch_size": o.batch_size,
                      "schedule": list(o.schedule), "cos": o.cos, "momentum": o.momentum,
                      "weight_decay": o.weight_decay, "image_size": cfg.data.image_size, "dataset": data_info},
         "pretrain": source,

@@ -108,13 +108,18 @@ def make_loader(dataset: Dataset, sampler: Sampler, workers: int, pin_memory: bo
 
 
 class ShardSampler(Sampler):
-    """Evaluation order: every ``world_size``-th image from ``rank`` on, each exactly once over all ranks."""
+    """Every ``world_size``-th image from ``rank`` on (each exactly once over all ranks), in order.
 
-    def __init__(self, size: int, rank: int, world_size: int) -> None:
+    ``seed_of(index)`` seeds each image's transform (a fixed augmented view); the default is 0.
+    """
+
+    def __init__(self, size: int, rank: int, world_size: int,
+                 seed_of: Callable[[int], int] | None = None) -> None:
         self.indices = list(range(rank, size, world_size))
+        self.seed_of = seed_of or (lambda index: 0)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((index, 0) for index in self.indices)
+        return ((index, self.seed_of(index)) for index in self.indices)

@@ -54,6 +54,20 @@ class Runtime:
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts)
 
+    def gather_shards(self, local: torch.Tensor, total: int) -> torch.Tensor:
+        """Reassemble rows sharded as ``range(rank, total, world_size)`` (see ShardSampler) on every rank."""
+        if not self.distributed:
+            return local
+        longest = -(-total // self.world_size)
+        padded = torch.zeros(longest, *local.shape[1:], dtype=local.dtype, device=local.device)
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        out = torch.empty(total, *local.shape[1:], dtype=local.dtype, device=local.device)
+        for rank, part in enumerate(parts):
+            out[rank::self.world_size] = part[: len(range(rank, total, self.world_size))]
+        return out
+
     def with_own_rows(self, x_local: torch.Tensor) -> torch.Tensor:
         """The global batch with this rank's rows still attached to its autograd graph.
 

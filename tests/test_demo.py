@@ -1,0 +1,36 @@
+"""`mauctl demo` end to end, as a newcomer runs it: no arguments, a fresh cache, a CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from conftest import run_mauctl
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_the_whole_chain_and_the_pretrained_encoder_beats_random_init(tmp_path):
+    result = run_mauctl("demo", cwd=tmp_path, timeout=900, MAUCTL_CACHE=str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    runs = tmp_path / "runs"
+    trained = json.loads((runs / "demo" / "lincls" / "demo" / "results.json").read_text())
+    random = json.loads((runs / "demo-random-init" / "lincls" / "results.json").read_text())
+    assert trained["finished"] and random["finished"]
+    assert trained["best_top1"] > random["best_top1"]
+    assert f"{trained['best_top1']:.2f}" in result.stdout and f"{random['best_top1']:.2f}" in result.stdout
+
+    epochs = [json.loads(line) for line in (runs / "demo" / "metrics.jsonl").read_text().splitlines()]
+    last_epoch = [r for r in epochs if r.get("kind") == "epoch"][-1]
+    assert last_epoch["unif"] < -2.0  # no collapse: a collapsed encoder has L_uniform = 0
+
+    with safe_open(runs / "demo" / "export" / "encoder.safetensors", "pt") as f:
+        assert f.metadata()["arch"] == "resnet18" and f.metadata()["head"] == "none"
+    assert "Other runs" in result.stdout  # the report placed the demo apart from the published cells
+
+    again = run_mauctl("demo", cwd=tmp_path, timeout=300, MAUCTL_CACHE=str(tmp_path / "cache"))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "already finished" in again.stdout
