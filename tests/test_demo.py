@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_runs_the_whole_chain_and_the_pretrained_encoder_beats_random_init(tmp_path):
-    result = run_mauctl("demo", cwd=tmp_path, timeout=900, MAUCTL_CACHE=str(tmp_path / "cache"))
+    # two threads, as a user gets (the other tests pin one thread for their tiny runs)
+    result = run_mauctl("demo", cwd=tmp_path, timeout=900, MAUCTL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
     runs = tmp_path / "runs"

@@ -23,7 +23,7 @@ from mauctl.config import LinclsConfig, PretrainConfig, load_config, loss_name
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC_TABLE = Path("/work/shared/spec/reference_table.toml")
-ALL_PRESETS = ["demo", "in1k-v2-b256", "lincls", "lincls-in1k", "v1-b128", "v1-b256", "v1-b256-lr0.06",
+ALL_PRESETS = ["demo", "in1k-v2-b256", "lincls", "lincls-demo", "lincls-in1k", "v1-b128", "v1-b256", "v1-b256-lr0.06",
                "v2-b128", "v2-b256", "v2-b256-lr0.06"]
 LOSSES = ["contr-t0.07", "contr-t0.2", "align2-unif2", "align3-unif3", "align4-unif4"]
 PRESET_OF_ROW = {("imagenet100", row): row for row in
