@@ -144,6 +144,16 @@ def _cell_text(cell: Any) -> str:
 
 # ---------------------------------------------------------------- pretrain
 
+
+def _launch(job: Any) -> None:
+    """Run a prepared job through the launcher and leave with its exit status."""
+    from mauctl.launch import execute
+
+    code = execute(job.spec(), job.plan, job.config.launch, job.run_action)
+    if code == EXIT_STOPPED:
+        err.print(f"stopped; resume with the same command (exit status {EXIT_STOPPED})", highlight=False)
+    raise typer.Exit(code)
+
 def _help(key: str) -> str:
     return escape(describe(PretrainConfig, key))
 
@@ -182,7 +192,6 @@ def pretrain(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and check everything, print it, train nothing.")] = False,
 ) -> None:
     """MoCo pretraining with the contrastive / alignment / uniformity losses."""
-    from mauctl.launch import execute
     from mauctl.prepare import dry_run_text, prepare_pretrain
 
     flags = {
@@ -199,10 +208,7 @@ def pretrain(
     if dry_run:
         typer.echo(dry_run_text(job), nl=False)
         return
-    code = execute(job.spec(), job.plan, job.config.launch, job.run_action)
-    if code == EXIT_STOPPED:
-        err.print(f"stopped; resume with the same command (exit status {EXIT_STOPPED})", highlight=False)
-    raise typer.Exit(code)
+    _launch(job)
 
 
 # ---------------------------------------------------------------- subset
@@ -281,7 +287,6 @@ def lincls(
 ) -> None:
     """Linear classification on frozen features (the original main_lincls.py protocol)."""
     from mauctl.config import to_toml
-    from mauctl.launch import execute
     from mauctl.prepare import prepare_lincls
 
     flags = {
@@ -302,10 +307,7 @@ def lincls(
                   f"world size: {job.plan.world_size} on {job.plan.device_type}\noutput: {job.config.run.out}")
         typer.echo(to_toml(job.config, header), nl=False)
         return
-    code = execute(job.spec(), job.plan, job.config.launch, job.run_action)
-    if code == EXIT_STOPPED:
-        err.print(f"stopped; resume with the same command (exit status {EXIT_STOPPED})", highlight=False)
-    raise typer.Exit(code)
+    _launch(job)
 
 
 # ---------------------------------------------------------------- report

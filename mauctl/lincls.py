@@ -34,9 +34,17 @@ from mauctl.data.augment import eval_transform, lincls_train_transform
 from mauctl.data.folder import FolderIndex, class_list_digest, scan_split
 from mauctl.data.loader import EpochSampler, SeededImages, ShardSampler, make_loader
 from mauctl.engine import checkpoint
-from mauctl.engine.loop import Interval, accumulate, announce_stop, check_finite, epoch_means, start_run
+from mauctl.engine.loop import (
+    Interval,
+    accumulate,
+    announce_stop,
+    check_finite,
+    epoch_means,
+    resume_checkpoint,
+    start_run,
+)
 from mauctl.engine.progress import Reporter
-from mauctl.engine.rundir import RunDir, pick_checkpoint
+from mauctl.engine.rundir import RunDir
 from mauctl.engine.runtime import Runtime, derive_seed, rng_state, seed_everything
 from mauctl.engine.schedule import lr_at
 from mauctl.errors import RunError
@@ -391,14 +399,9 @@ def _checkpoint(cfg: LinclsConfig, model: nn.Module, optimizer, scaler, state: d
 
 def _resume(cfg: LinclsConfig, rt: Runtime, run_dir: RunDir, model: nn.Module, optimizer, scaler,
             state: dict[str, Any]) -> Path | None:
-    path, ckpt = pick_checkpoint(run_dir, cfg.run.resume, log=print) if rt.is_main else (None, None)
-    path = rt.broadcast_object(str(path) if path else None)
+    path, ckpt = resume_checkpoint(run_dir, cfg.run.resume, rt, FORMAT, "linear-probe")
     if path is None:
         return None
-    if ckpt is None:
-        ckpt = checkpoint.load(Path(path))
-    if ckpt.get("format") != FORMAT:
-        raise RunError(f"{path} is not a mauctl linear-probe checkpoint (format {ckpt.get('format')!r})")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -408,4 +411,4 @@ def _resume(cfg: LinclsConfig, rt: Runtime, run_dir: RunDir, model: nn.Module, o
                  count=int(ckpt.get("epoch_count", 0)), history=list(ckpt.get("history", [])),
                  best_top1=float(summary.get("best_top1", -1.0)), best_epoch=int(summary.get("best_epoch", 0)),
                  wall_time_s=float(ckpt.get("wall_time_s", 0.0)))
-    return Path(path)
+    return path

@@ -19,9 +19,17 @@ from mauctl.data.augment import TwoViews, pretrain_view
 from mauctl.data.folder import data_root, scan_split
 from mauctl.data.loader import EpochSampler, SeededImages, make_loader
 from mauctl.engine import checkpoint
-from mauctl.engine.loop import Interval, accumulate, announce_stop, check_finite, epoch_means, start_run
+from mauctl.engine.loop import (
+    Interval,
+    accumulate,
+    announce_stop,
+    check_finite,
+    epoch_means,
+    resume_checkpoint,
+    start_run,
+)
 from mauctl.engine.progress import Reporter
-from mauctl.engine.rundir import RunDir, pick_checkpoint
+from mauctl.engine.rundir import RunDir
 from mauctl.engine.runtime import Runtime, derive_seed, rng_state, seed_everything
 from mauctl.engine.schedule import lr_at
 from mauctl.errors import RunError
@@ -175,14 +183,9 @@ def _save(run_dir: RunDir, cfg: PretrainConfig, rt: Runtime, model: MoCo, optimi
 def _resume(cfg: PretrainConfig, rt: Runtime, run_dir: RunDir, model: MoCo, optimizer, scaler,
             state: dict[str, Any]) -> Path | None:
     """Load the checkpoint rank 0 picks (every rank reads the same file: a shared run directory)."""
-    path, ckpt = pick_checkpoint(run_dir, cfg.run.resume, log=print) if rt.is_main else (None, None)
-    path = rt.broadcast_object(str(path) if path else None)
+    path, ckpt = resume_checkpoint(run_dir, cfg.run.resume, rt, FORMAT, "pretraining")
     if path is None:
         return None
-    if ckpt is None:
-        ckpt = checkpoint.load(Path(path))
-    if ckpt.get("format") != FORMAT:
-        raise RunError(f"{path} is not a mauctl pretraining checkpoint (format {ckpt.get('format')!r})")
     try:
         model.encoder_q.load_state_dict(ckpt["encoder_q"])
         model.encoder_k.load_state_dict(ckpt["encoder_k"])
@@ -195,4 +198,4 @@ def _resume(cfg: PretrainConfig, rt: Runtime, run_dir: RunDir, model: MoCo, opti
     state.update(epoch=int(ckpt["epoch"]), step_in_epoch=int(ckpt["step_in_epoch"]),
                  global_step=int(ckpt["global_step"]), sums=dict(ckpt.get("epoch_sums", {})),
                  count=int(ckpt.get("epoch_count", 0)))
-    return Path(path)
+    return path

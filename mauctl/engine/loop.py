@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +14,8 @@ import torch
 from mauctl.config import to_toml
 from mauctl.engine.manifest import write_manifest
 from mauctl.engine.progress import MetricsLog, Reporter
-from mauctl.engine.rundir import RunDir
+from mauctl.engine import checkpoint
+from mauctl.engine.rundir import RunDir, pick_checkpoint
 from mauctl.errors import RunError
 
 
@@ -31,6 +33,22 @@ def start_run(run: RunDir, config: Any, runtime: Any, meta: dict[str, Any], inde
                    "step_in_epoch": state["step_in_epoch"], "world_size": runtime.world_size})
     run.set_status("running", epoch=state["epoch"], step_in_epoch=state["step_in_epoch"])
     return log
+
+
+def resume_checkpoint(run: RunDir, resume: str, runtime: Any, fmt: str, what: str) -> tuple[Any, dict | None]:
+    """(path, checkpoint) to resume from, or (None, None): rank 0 picks, every rank reads the same file.
+
+    Several nodes therefore need a shared run directory. A checkpoint of another format is refused.
+    """
+    path, ckpt = pick_checkpoint(run, resume, log=print) if runtime.is_main else (None, None)
+    path = runtime.broadcast_object(str(path) if path else None)
+    if path is None:
+        return None, None
+    if ckpt is None:
+        ckpt = checkpoint.load(Path(path))
+    if ckpt.get("format") != fmt:
+        raise RunError(f"{path} is not a mauctl {what} checkpoint (format {ckpt.get('format')!r})")
+    return Path(path), ckpt
 
 
 class Interval:
