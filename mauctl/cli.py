@@ -286,8 +286,7 @@ def lincls(
     = False,
 ) -> None:
     """Linear classification on frozen features (the original main_lincls.py protocol)."""
-    from mauctl.config import to_toml
-    from mauctl.prepare import prepare_lincls
+    from mauctl.prepare import lincls_dry_run_text, prepare_lincls
 
     flags = {
         "data.root": str(data.resolve()) if data is not None else None,
@@ -300,12 +299,7 @@ def lincls(
     job = prepare_lincls(source, preset=preset, config_file=config, flags=flags, sets=sets or [], name=name,
                          evaluate=evaluate, overwrite=overwrite)
     if dry_run:
-        header = (f"mauctl lincls --dry-run: nothing was trained or written.\n"
-                  f"encoder: {job.encoder.arch} from {job.encoder.path} ({job.encoder.source})\n"
-                  f"data: {job.data_root}: {len(job.train.classes)} classes, {len(job.train.samples)} train / "
-                  f"{len(job.val.samples)} val images\n"
-                  f"world size: {job.plan.world_size} on {job.plan.device_type}\noutput: {job.config.run.out}")
-        typer.echo(to_toml(job.config, header), nl=False)
+        typer.echo(lincls_dry_run_text(job), nl=False)
         return
     _launch(job)
 

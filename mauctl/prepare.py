@@ -230,6 +230,19 @@ def prepare_lincls(
     return job
 
 
+def lincls_dry_run_text(job: LinclsJob) -> str:
+    """The probe's resolved config as TOML, headed by what it would read and write."""
+    header = "\n".join([
+        f"mauctl {__version__} lincls --dry-run: nothing was trained or written.",
+        f"encoder: {job.encoder.arch} from {job.encoder.path} ({job.encoder.source})",
+        f"data: {job.data_root}: {len(job.train.classes)} classes, {len(job.train.samples)} train / "
+        f"{len(job.val.samples)} val images",
+        f"world size: {job.plan.world_size} on {job.plan.device_type}",
+        f"output: {job.config.run.out}",
+    ])
+    return to_toml(job.config, header)
+
+
 def _default_lincls_out(enc: Encoder, name: str) -> Path:
     if enc.source == "mauctl-lincls":  # a probe's own checkpoint: its folder
         folder = enc.path.resolve().parent

@@ -144,3 +144,22 @@ def test_train_and_val_with_different_classes_are_refused(tmp_path):
     assert result.returncode == 2
     assert "different classes" in result.stderr and "c2" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_prints_the_probe_config_and_writes_nothing(tiny_images, tmp_path, monkeypatch):
+    import tomllib
+
+    from typer.testing import CliRunner
+
+    from mauctl.cli import app
+
+    moco_checkpoint(tmp_path / "moco.pt")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["lincls", "moco.pt", str(tiny_images), "--dry-run", "--image-size", "32",
+                                      "--batch-size", "16"])
+    assert result.exit_code == 0, result.output
+    assert "encoder: resnet18 from moco.pt (moco)" in result.stdout
+    config = tomllib.loads(result.stdout)
+    assert config["optim"]["lr"] == 30.0 and config["optim"]["schedule"] == [60, 80]
+    assert config["lincls"]["cached_features"] is False and config["data"]["image_size"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moco.pt"]
