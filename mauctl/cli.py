@@ -315,7 +315,8 @@ def report(
     out_file: Annotated[Optional[Path], typer.Option(
         "--out", help="Write the report to this file (replaces only a file an earlier report wrote).")] = None,
     plot: Annotated[Optional[Path], typer.Option(
-        help="Also write a PNG scatter of reproduced vs published top-1 (needs matplotlib).")] = None,
+        help="Also write a PNG: reproduced vs published top-1, and each run's uniformity vs alignment coloured by "
+             "top-1 (needs matplotlib).")] = None,
 ) -> None:
     """The published accuracy table with your reproduced numbers beside the published ones."""
     from mauctl.report import run_report

@@ -68,6 +68,10 @@ class DataConfig(Section):
     aug: Literal["v1", "v2"] = Field(
         "v1", description="Augmentation recipe: v1 = MoCo v1, v2 = MoCo v2 strong augmentation [--aug-plus]."
     )
+    max_bad_fraction: float = Field(
+        0.001, ge=0.0, le=1.0,
+        description="Share of undecodable images (per split, per epoch) that are skipped; above it the run stops.",
+    )
 
 
 class ModelConfig(Section):
@@ -144,6 +148,9 @@ class RunConfig(Section):
     print_freq: int = Field(10, ge=1, description="Log every N steps [-p].")
     resume: str = Field("auto", description="auto (continue from last.pt if any), none, or a checkpoint path.")
     save_every: int = Field(20, ge=0, description="Keep a checkpoint every N epochs besides last.pt (0 = none).")
+    tensorboard: bool = Field(
+        False, description="Also log metrics.jsonl's records to TensorBoard (<run>/tensorboard; needs mauctl[tensorboard])."
+    )
 
     @field_validator("device")
     @classmethod
@@ -179,7 +186,41 @@ class LaunchConfig(Section):
             raise ValueError("rdzv_endpoint (host:port) is required when nnodes > 1")
         if self.rdzv_endpoint and not re.fullmatch(r"[\w.\-\[\]:]+:\d+", self.rdzv_endpoint):
             raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint!r} is not host:port")
+        if self.rdzv_endpoint and not 1 <= int(self.rdzv_endpoint.rpartition(":")[2]) <= 65535:
+            raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint!r}: the port must be 1 to 65535")
         return self
+
+
+AUTO_EVAL_LIMIT = 50_000  # training images up to which eval.every = "auto" means every epoch
+
+
+class EvalConfig(Section):
+    every: int | Literal["auto"] = Field(
+        "auto",
+        description="Representation diagnostics every N epochs (align/unif metrics, kNN top-1); 0 = never; "
+        "auto = every epoch up to 50,000 training images, else every 10.",
+    )
+    images: int = Field(
+        10000, ge=2, description="Held-out images for the metrics: from val/, or without val/ up to a fifth of train/."
+    )
+    bank_images: int = Field(50000, ge=0, description="Training images in the kNN feature bank (0 = no kNN monitor).")
+    knn_k: int = Field(200, ge=1, description="Neighbours that vote in the kNN monitor.")
+    knn_t: float = Field(0.07, gt=0.0, description="Temperature of the kNN vote weights exp(similarity / t).")
+
+    def every_for(self, train_images: int) -> int:
+        """Epochs between diagnostics passes for a training set of this size (0 = never)."""
+        if self.every != "auto":
+            return self.every
+        return 1 if train_images <= AUTO_EVAL_LIMIT else 10
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _auto_or_count(cls, n: Any) -> int | str:
+        if isinstance(n, str) and n.strip().isdigit():
+            n = int(n)
+        if n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+            return n
+        raise ValueError("expected 'auto' or a number of epochs (0 = never)")
 
 
 class PretrainConfig(BaseModel):
@@ -192,6 +233,7 @@ class PretrainConfig(BaseModel):
     optim: OptimConfig = OptimConfig()
     run: RunConfig = RunConfig()
     launch: LaunchConfig = LaunchConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _batch_and_queue(self) -> PretrainConfig:
@@ -526,8 +568,9 @@ def _presets_for(command: str) -> list[str]:
 
 
 # Keys that say where or how fast a run ran, not what it computed: left out of the digest.
-NOT_IN_DIGEST = {"data.root", "data.workers", "run.out", "run.print_freq", "run.resume", "run.save_every",
-                 "run.device", "run.precision"}
+NOT_IN_DIGEST = {"data.root", "data.workers", "data.max_bad_fraction", "run.out", "run.print_freq", "run.resume",
+                 "run.save_every", "run.device", "run.precision", "run.tensorboard"}
+NOT_IN_DIGEST_SECTIONS = {"launch", "eval"}  # how it was launched and watched
 
 
 def config_digest(config: BaseModel | Mapping[str, Any]) -> str:
@@ -537,6 +580,6 @@ def config_digest(config: BaseModel | Mapping[str, Any]) -> str:
     data = config.model_dump() if isinstance(config, BaseModel) else config
     kept = {
         section: {k: v for k, v in values.items() if f"{section}.{k}" not in NOT_IN_DIGEST}
-        for section, values in data.items() if section != "launch"
+        for section, values in data.items() if section not in NOT_IN_DIGEST_SECTIONS
     }
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()

@@ -20,8 +20,9 @@ from rich.rule import Rule
 from rich.table import Table
 
 from mauctl.backbone import build_encoder
+from mauctl.engine.progress import read_metrics
 from mauctl.engine.rundir import RunDir
-from mauctl.errors import EXIT_STOPPED, RunError
+from mauctl.errors import EXIT_STOPPED, RunError, UsageError
 from mauctl.launch import execute
 from mauctl.prepare import prepare_lincls, prepare_pretrain
 
@@ -105,6 +106,8 @@ class Demo:
 
 
 def run_demo(out: Path, loss: str | None = None, console: Console | None = None) -> dict:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder", hint="Give a folder for the demo's runs.")
     demo = Demo(out, loss, console or Console())
     start = time.perf_counter()
     demo.timed("pretrain", demo.pretrain)
@@ -118,7 +121,11 @@ def run_demo(out: Path, loss: str | None = None, console: Console | None = None)
                                                           data, size))
     demo.timed("report", demo.report)
     total = time.perf_counter() - start
+    evals = [r for r in read_metrics(demo.pretrain_dir / "metrics.jsonl") if r.get("kind") == "eval"]
     summary = {"pretrained_top1": trained["best_top1"], "random_top1": random["best_top1"],
+               # before training (epochs_done 0) the query encoder is the random initialisation probed in stage 4
+               "pretrained_diagnostics": _diagnostics(evals[-1] if evals else {}),
+               "random_diagnostics": _diagnostics(evals[0] if evals and evals[0]["epochs_done"] == 0 else {}),
                "timings_s": demo.timings, "total_s": total, "run_dir": str(demo.pretrain_dir),
                "export": str(exported)}
     _print_summary(demo, summary)
@@ -131,15 +138,27 @@ def run_demo(out: Path, loss: str | None = None, console: Console | None = None)
     return summary
 
 
+def _diagnostics(record: dict) -> dict:
+    return {k: record.get(k) for k in ("align_metric", "unif_metric", "knn_top1")}
+
+
 def _print_summary(demo: Demo, summary: dict) -> None:
-    table = Table(title="mauctl demo: linear top-1 on the digits' val split", title_justify="left")
-    table.add_column("encoder")
-    table.add_column("top-1 (%)", justify="right")
+    table = Table(title="mauctl demo: the digits' val split (align / uniform: lower is better)", title_justify="left")
+    for name in ("encoder", "linear top-1 (%)", "kNN top-1 (%)", "align", "uniform"):
+        table.add_column(name, justify="left" if name == "encoder" else "right")
     table.add_column("where")
-    table.add_row("pretrained (demo preset)", f"{summary['pretrained_top1']:.2f}",
-                  str(demo.pretrain_dir / "lincls" / "demo" / "results.json"))
-    table.add_row("random initialisation", f"{summary['random_top1']:.2f}",
-                  str(demo.random_dir / "lincls" / "results.json"))
+
+    def shown(value, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for label, top1, d, where in (
+        ("pretrained (demo preset)", summary["pretrained_top1"], summary["pretrained_diagnostics"],
+         demo.pretrain_dir / "lincls" / "demo" / "results.json"),
+        ("random initialisation", summary["random_top1"], summary["random_diagnostics"],
+         demo.random_dir / "lincls" / "results.json"),
+    ):
+        table.add_row(label, f"{top1:.2f}", shown(d["knn_top1"], 2), shown(d["align_metric"], 3),
+                      shown(d["unif_metric"], 3), str(where))
     demo.console.print(table)
     times = ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings_s"].items())
     demo.console.print(f"time: {times}; total {summary['total_s']:.0f}s", highlight=False)

@@ -51,6 +51,9 @@ def make_plan(run: RunConfig, launch: LaunchConfig, optim: OptimConfig,
         plan = Plan(world, local, max(1, world // local), kind, True)
     else:
         nproc = launch.nproc_per_node
+        if kind == "cuda" and (_visible_gpus() == 0 or int(run.device.partition(":")[2] or 0) >= _visible_gpus()):
+            raise UsageError(f"run.device = {run.device!r}, but {_visible_gpus()} CUDA GPU(s) are visible here",
+                             hint="Use --device cpu (or auto), or check CUDA_VISIBLE_DEVICES.")
         if nproc == "auto":
             nproc = _visible_gpus() if kind == "cuda" else 1
         if kind == "cuda" and nproc > max(1, _visible_gpus()):
@@ -93,6 +96,7 @@ def bn_splits(requested: int, per_process_batch: int) -> int:
 
 JOB_ENV = "MAUCTL_JOB"
 STOP_SIGNAL_NAMES = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+STOP_GRACE_S = 90  # SLURM's --signal=USR1@120 leaves two minutes
 
 
 def torchrun_argv(plan: Plan, launch: LaunchConfig, rdzv_id: str) -> list[str]:
@@ -104,7 +108,15 @@ def torchrun_argv(plan: Plan, launch: LaunchConfig, rdzv_id: str) -> list[str]:
     else:
         argv += [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
                  f"--rdzv-id={rdzv_id}"]
+    if _torchrun_accepts(f"--signals-to-handle={STOP_SIGNAL_NAMES}"):  # newer torchrun: forward SIGUSR1 as is
+        argv.append(f"--signals-to-handle={STOP_SIGNAL_NAMES}")
     return argv + ["--module", "mauctl.worker"]
+
+
+def _torchrun_accepts(flag: str) -> bool:
+    from torch.distributed.run import get_args_parser
+
+    return not get_args_parser().parse_known_args([flag, "--module", "mauctl.worker"])[1]
 
 
 def rdzv_id(out: str) -> str:
@@ -124,9 +136,17 @@ def start_workers(job: dict, plan: Plan, launch: LaunchConfig) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from mauctl.engine.rundir import RunDir
+
     os.environ[JOB_ENV] = json.dumps(job)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nproc_per_node)))
     os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", STOP_SIGNAL_NAMES)
+    # After the launcher is told to stop, the workers get this long to finish their step and save
+    # before torchrun kills them (its default, 30 s, is short for a large checkpoint).
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_S))
+    # With the rendezvous store shared (torch >= 2.5's default), workers restarted by --max-restarts
+    # can read the previous round's addresses and fail to connect; a store per round cannot.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # Older torch handles no SIGUSR1 in the agent: turn it into the SIGTERM it does handle.
     signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # mauctl says what failed
@@ -139,7 +159,11 @@ def start_workers(job: dict, plan: Plan, launch: LaunchConfig) -> None:
             f"rank {rank} exit code {f.exitcode}" + (f" ({f.signal_name()})" if f.exitcode < 0 else "")
             for rank, f in sorted(exc.failures.items())
         )
-        raise RunError(f"worker process(es) failed: {failures}; their messages are above") from None
+        if launch.node_rank == 0:
+            RunDir(Path(job["config"]["run"]["out"])).mark_failed(f"worker process(es) failed: {failures}")
+        raise RunError(f"worker process(es) failed: {failures}; their messages are above",
+                       hint="Run the same command to resume from the last checkpoint "
+                       "(--max-restarts N lets torchrun do that by itself).") from None
 
 
 class WorkersStopped(Exception):
@@ -168,7 +192,7 @@ def execute(job: dict, plan: Plan, launch: LaunchConfig, run_action: str) -> int
 
         return run_job(job)
     try:
-        start_workers({**job, "launched_by_mauctl": True}, plan, launch)
+        start_workers({**job, "launched_by_mauctl": True, "launcher_pid": os.getpid()}, plan, launch)
     except WorkersStopped as exc:
         print(f"{exc.args[0]} received: the workers saved a checkpoint and stopped")
     status = run.read_status()

@@ -32,7 +32,7 @@ from mauctl.backbone import last_linear
 from mauctl.config import LinclsConfig
 from mauctl.data.augment import eval_transform, lincls_train_transform
 from mauctl.data.folder import FolderIndex, class_list_digest, scan_split
-from mauctl.data.loader import EpochSampler, SeededImages, ShardSampler, make_loader
+from mauctl.data.loader import BadImages, EpochSampler, SeededImages, ShardSampler, make_loader
 from mauctl.engine import checkpoint
 from mauctl.engine.loop import (
     Interval,
@@ -132,9 +132,9 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                 _write_results(run_dir, cfg, meta, state, source, data_info, finished=final)
             reporter.end_epoch({"kind": "epoch", "epoch": epoch, "step": state["global_step"], "lr": lr,
                                 "train_loss": means.get("loss"), "train_acc1": means.get("acc1"),
-                                "top1": top1, "top5": top5},
+                                "top1": top1, "top5": top5, **trainer.bad_images()},
                                {"loss": means.get("loss", 0.0), "top1": top1, "top5": top5,
-                                "best": state["best_top1"]})
+                                "best": state["best_top1"], **{k: v for k, v in trainer.bad_images().items() if v}})
             signum = rt.agreed_stop()
             if signum and not final:
                 save(epoch + 1, 0)
@@ -163,19 +163,24 @@ class ImageTrainer:
             self.net = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
         size, pin = cfg.data.image_size, rt.device.type == "cuda"
         self.sampler = EpochSampler(len(train.samples), cfg.optim.batch_size, rt.rank, rt.world_size, cfg.run.seed)
-        self.loader = make_loader(SeededImages(train.samples, lincls_train_transform(size)), self.sampler,
-                                  cfg.data.workers, pin_memory=pin)
-        self.val_loader = make_loader(SeededImages(val.samples, eval_transform(size)),
+        self.loader = make_loader(SeededImages(train.samples, lincls_train_transform(size), report_skipped=True),
+                                  self.sampler, cfg.data.workers, pin_memory=pin)
+        self.val_loader = make_loader(SeededImages(val.samples, eval_transform(size), report_skipped=True),
                                       ShardSampler(len(val.samples), rt.rank, rt.world_size), cfg.data.workers,
                                       pin_memory=pin, batch_size=self.sampler.per_rank)
+        self.bad = BadImages(train.root, len(train.samples), cfg.data.max_bad_fraction, rt)
+        self.val_bad = BadImages(val.root, len(val.samples), cfg.data.max_bad_fraction, rt)
 
     def train_epoch(self, epoch: int, first: int, lr: float, state: dict[str, Any], run_dir: RunDir) -> int | None:
         """One epoch from step ``first``; the step it stopped at when a stop signal came, else None."""
         rt, steps = self.rt, self.sampler.steps
         self.sampler.set_epoch(epoch, first)
+        self.bad.reset()
         self.reporter.start_epoch(epoch, self.cfg.optim.epochs, steps, first)
         interval = Interval()
-        for i, (x, y) in enumerate(self.loader, start=first):
+        for i, (x, y, skipped) in enumerate(self.loader, start=first):
+            if skipped:
+                self.bad.add(skipped)  # undecodable images the loader replaced (host-side only)
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
             with rt.autocast():
                 logits = self.net(x)
@@ -184,15 +189,19 @@ class ImageTrainer:
             interval.add({"loss": loss, "acc1": topk_accuracy(logits.detach(), y, ks=(1,))[0]})
             done = i + 1
             if done % self.cfg.run.print_freq == 0 or done == steps:
+                self.bad.agree(run_dir if rt.is_main else None, epoch, done)
                 interval = _log_interval(interval, epoch, done, steps, lr, state, self.reporter,
-                                         run_dir if rt.is_main else None)
+                                         run_dir if rt.is_main else None, self.bad.shown())
             if done < steps and rt.agreed_stop():
                 accumulate(state, interval.read() if interval.count else {}, interval.count)
                 return done
         return None
 
     def evaluate(self) -> tuple[float, float]:
-        return evaluate(self.net, self.val_loader, self.rt)
+        return evaluate(self.net, self.val_loader, self.rt, self.val_bad)
+
+    def bad_images(self) -> dict[str, int]:
+        return {"bad_images": self.bad.count, "val_bad_images": self.val_bad.count}
 
 
 class CachedTrainer:
@@ -212,19 +221,28 @@ class CachedTrainer:
         clock = time.perf_counter()
         transforms = [(eval_transform(size), None)] if views == 0 else [
             (lincls_train_transform(size), v) for v in range(1, views + 1)]
-        self.train_x = torch.stack([self._features(model, train, t, v) for t, v in transforms])  # (views, N, D)
-        self.train_y = torch.tensor([label for _, label in train.samples], device=rt.device)
-        self.val_x = self._features(model, val, eval_transform(size), None)
-        self.val_y = torch.tensor([label for _, label in val.samples], device=rt.device)
+        self.bad = BadImages(train.root, len(train.samples), cfg.data.max_bad_fraction, rt)
+        self.val_bad = BadImages(val.root, len(val.samples), cfg.data.max_bad_fraction, rt)
+        views_xy = [self._features(model, train, t, v, self.bad) for t, v in transforms]
+        self.bad.agree()
+        kept = torch.stack([y >= 0 for _, y in views_xy]).all(dim=0)  # undecodable images are left out
+        self.train_x = torch.stack([x[kept] for x, _ in views_xy])  # (views, N, D)
+        self.train_y = views_xy[0][1][kept]
+        val_x, val_y = self._features(model, val, eval_transform(size), None, self.val_bad)
+        self.val_bad.agree()
+        self.val_x, self.val_y = val_x[val_y >= 0], val_y[val_y >= 0]
         reporter.line(f"lincls: features of {len(transforms)} view(s) x {len(train.samples)} train and "
                       f"{len(val.samples)} val images extracted in {time.perf_counter() - clock:.1f}s")
-        self.steps = len(train.samples) // cfg.optim.batch_size
+        self.steps = self.train_x.shape[1] // cfg.optim.batch_size
 
-    def _features(self, model: nn.Module, index: FolderIndex, transform, view: int | None) -> torch.Tensor:
+    def _features(self, model: nn.Module, index: FolderIndex, transform, view: int | None,
+                  bad: BadImages) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image's features and label, in order (all ranks' shards); label -1 for an undecodable image."""
         rt, seed = self.rt, self.cfg.run.seed
         seed_of = None if view is None else (lambda i: derive_seed(seed, "view", view, i))
         sampler = ShardSampler(len(index.samples), rt.rank, rt.world_size, seed_of)
-        loader = make_loader(SeededImages(index.samples, transform), sampler, self.cfg.data.workers,
+        loader = make_loader(SeededImages(index.samples, transform, report_skipped=True), sampler,
+                             self.cfg.data.workers,
                              pin_memory=rt.device.type == "cuda",
                              batch_size=max(1, self.cfg.optim.batch_size // rt.world_size))
         parent, attr, fc = last_linear(model)
@@ -232,14 +250,19 @@ class CachedTrainer:
         model.eval()
         try:
             with torch.no_grad():
-                parts = []
-                for x, _ in loader:
+                parts, labels = [], []
+                for x, y, skipped in loader:
+                    if skipped:
+                        bad.add(skipped)
+                        y[list(skipped)] = -1  # the row holds another image in place of a bad one
                     with rt.autocast():
                         parts.append(model(x.to(rt.device, non_blocking=True)).float())
+                    labels.append(y.to(rt.device, non_blocking=True))
         finally:
             setattr(parent, attr, fc)
         local = torch.cat(parts) if parts else torch.empty(0, fc.in_features, device=rt.device)
-        return rt.gather_shards(local, len(index.samples))
+        local_y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=rt.device)
+        return rt.gather_shards(local, len(index.samples)), rt.gather_shards(local_y, len(index.samples))
 
     def train_epoch(self, epoch: int, first: int, lr: float, state: dict[str, Any], run_dir: RunDir) -> None:
         g = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "order", epoch))
@@ -265,6 +288,9 @@ class CachedTrainer:
         acc1, acc5 = topk_accuracy(self.fc(self.val_x), self.val_y, ks=(1, 5))
         return acc1.item(), acc5.item()
 
+    def bad_images(self) -> dict[str, int]:
+        return {"bad_images": self.bad.count, "val_bad_images": self.val_bad.count}
+
 
 def _step(logits: torch.Tensor, y: torch.Tensor, optimizer, scaler) -> torch.Tensor:
     loss = F.cross_entropy(logits.float(), y)
@@ -276,12 +302,12 @@ def _step(logits: torch.Tensor, y: torch.Tensor, optimizer, scaler) -> torch.Ten
 
 
 def _log_interval(interval: Interval, epoch: int, done: int, steps: int, lr: float, state: dict[str, Any],
-                  reporter: Reporter, run_dir: RunDir | None) -> Interval:
+                  reporter: Reporter, run_dir: RunDir | None, bad: dict[str, int] | None = None) -> Interval:
     values = interval.read()
     check_finite(values, epoch, done, run_dir)
     accumulate(state, values, interval.count)
     reporter.step({"kind": "step", "epoch": epoch, "step": state["global_step"], "step_in_epoch": done, "lr": lr,
-                   **values}, {**values, "lr": lr}, steps)
+                   **values, **(bad or {})}, {**values, "lr": lr, **(bad or {})}, steps)
     return Interval()
 
 
@@ -308,18 +334,30 @@ def check_frozen(model: nn.Module, enc: Encoder) -> None:
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, loader, rt: Runtime) -> tuple[float, float]:
-    """Top-1 and top-5 (percent) over the whole val set: each rank counts its shard, the counts are summed."""
+def evaluate(net: nn.Module, loader, rt: Runtime, bad: BadImages) -> tuple[float, float]:
+    """Top-1 and top-5 (percent) over the whole val set: each rank counts its shard, the counts are summed.
+
+    Undecodable images do not count (``bad`` collects them and stops the run above data.max_bad_fraction).
+    """
     net.eval()
+    bad.reset()
     counts = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    for x, y in loader:
+    for x, y, skipped in loader:
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         with rt.autocast():
             logits = net(x).float()
+        if skipped:  # rows that stand in for undecodable images
+            bad.add(skipped)
+            rows = [r for r in range(len(y)) if r not in skipped]
+            if not rows:
+                continue
+            keep = torch.tensor(rows, device=rt.device)
+            logits, y = logits.index_select(0, keep), y.index_select(0, keep)
         acc1, acc5 = topk_accuracy(logits, y, ks=(1, 5))
         counts += torch.stack([acc1 * len(y) / 100, acc5 * len(y) / 100, torch.tensor(float(len(y)), device=rt.device)]).double()
     if rt.distributed:
         dist.all_reduce(counts)
+    bad.agree()
     correct1, correct5, total = counts.tolist()
     return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
 
@@ -330,10 +368,10 @@ def _evaluate_only(cfg: LinclsConfig, rt: Runtime, enc: Encoder, val: FolderInde
     model = enc.backbone_module(enc.dim)
     model.load_state_dict(enc.state_dict())
     model.to(rt.device).eval()
-    loader = make_loader(SeededImages(val.samples, eval_transform(cfg.data.image_size)),
+    loader = make_loader(SeededImages(val.samples, eval_transform(cfg.data.image_size), report_skipped=True),
                          ShardSampler(len(val.samples), rt.rank, rt.world_size), cfg.data.workers,
                          pin_memory=rt.device.type == "cuda", batch_size=max(1, cfg.optim.batch_size // rt.world_size))
-    top1, top5 = evaluate(model, loader, rt)
+    top1, top5 = evaluate(model, loader, rt, BadImages(val.root, len(val.samples), cfg.data.max_bad_fraction, rt))
     if rt.is_main:
         print(f"lincls --evaluate: {enc.path} on {len(val.samples)} val images: top-1 {top1:.2f}, top-5 {top5:.2f}")
         run_dir.path.mkdir(parents=True, exist_ok=True)

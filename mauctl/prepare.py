@@ -6,23 +6,29 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mauctl import __version__
-from mauctl.backbone import check_encoder
-from mauctl.config import DataConfig, LinclsConfig, PretrainConfig, Resolved, load_config, loss_name, read_toml, to_toml
-from mauctl.data.folder import FolderIndex, data_root, scan_split
-from mauctl.engine.rundir import RunDir, check_before_launch, check_writable, config_differences
+from mauctl.backbone import build_encoder, check_encoder
+from mauctl.config import (DataConfig, LaunchConfig, LinclsConfig, PretrainConfig, Resolved, load_config,
+                           loss_name, read_toml, to_toml)
+from mauctl.data.folder import FolderIndex, check_splits, data_root, scan_split
+from mauctl.engine.rundir import MIN_FREE_BYTES, RunDir, check_before_launch, check_writable, config_differences
+from mauctl.engine.runtime import restarted
 from mauctl.engine.schedule import describe_schedule
 from mauctl.errors import UsageError
 from mauctl.launch import Plan, bn_splits, in_worker, make_plan
-from mauctl.weights import Encoder, read_encoder
+from mauctl.weights import LINCLS_FORMAT, PRETRAIN_FORMAT, Encoder, check_resume_file, read_encoder
 
 
 @dataclass
@@ -64,7 +70,9 @@ def prepare_pretrain(
     resolved = load_config("pretrain", preset=preset, config_file=config_file, loss=loss, flags=flags, sets=sets,
                            environ=environ)
     config: PretrainConfig = resolved.config  # type: ignore[assignment]
+    check_tensorboard(config)
     plan = make_plan(config.run, config.launch, config.optim, environ)
+    check_rendezvous_port(config.launch, plan)
     splits = bn_splits(config.model.bn_splits, plan.per_process_batch(config.optim))
     check_encoder(config.model.arch, config.model.dim, config.model.mlp, config.model.small_stem,
                   config.data.image_size)
@@ -74,13 +82,26 @@ def prepare_pretrain(
     elif not config.data.builtin and not dry_run:
         raise UsageError("no training data: give a DATA folder (or data.root), or use --preset demo")
     if train is not None:
+        root = data_root(config.data)
+        check_splits(train, scan_split(root, "val") if (root / "val").is_dir() else None, "pretrain")
         _check_one_batch(train, config.optim.batch_size, "Lower --batch-size (and model.queue_size, a multiple of it)")
     job = Job(resolved, plan, splits, train, preset, loss_name(config.loss))
     if owns_run_dir(config, environ):
-        job.run_action = _check_run_dir(config, overwrite)
+        need = max(MIN_FREE_BYTES, int(1.1 * checkpoint_bytes(config)))
+        job.run_action = _check_run_dir(config, overwrite, need)
+        check_resume_file(config.run.resume, PRETRAIN_FORMAT, "pretraining")
     elif overwrite:
         raise UsageError("--overwrite is only honoured on node 0 (launch.node_rank = 0)")
     return job
+
+
+def check_tensorboard(config: PretrainConfig | LinclsConfig) -> None:
+    from mauctl.engine.progress import tensorboard_missing
+
+    if config.run.tensorboard and tensorboard_missing():
+        raise UsageError("run.tensorboard = true, but the tensorboard package is not installed",
+                         hint="pip install 'mauctl[tensorboard]', or leave run.tensorboard off "
+                              "(metrics.jsonl has every value).")
 
 
 def owns_run_dir(config: PretrainConfig | LinclsConfig, environ: Mapping[str, str] | None = None) -> bool:
@@ -90,15 +111,35 @@ def owns_run_dir(config: PretrainConfig | LinclsConfig, environ: Mapping[str, st
     return config.launch.node_rank == 0
 
 
-def _check_run_dir(config: PretrainConfig | LinclsConfig, overwrite: bool) -> str:
+def _check_run_dir(config: PretrainConfig | LinclsConfig, overwrite: bool, need_bytes: int = MIN_FREE_BYTES) -> str:
+    """What to do with the run directory (see check_before_launch); refuse one we cannot write enough into.
+
+    A worker group that torchrun restarted goes on with the run it started: no --overwrite again.
+    """
     run = RunDir(Path(config.run.out))
+    resume = config.run.resume
+    if restarted():
+        overwrite, resume = False, "auto"
     differences = []
     if run.config.is_file():
         previous = read_toml(run.config)
         differences = config_differences(previous, config.model_dump())
-    action = check_before_launch(run, config.run.resume, overwrite, differences)
-    check_writable(run.path)
+    action = check_before_launch(run, resume, overwrite, differences)
+    check_writable(run.path, need_bytes)
     return action
+
+
+def checkpoint_bytes(config: PretrainConfig) -> int:
+    """About how large a pretraining checkpoint is: both encoders, the SGD momentum, the queue (float32).
+
+    A save writes the new file beside the old one, so this is the free space a run needs.
+    """
+    m = config.model
+    with torch.device("meta"):
+        encoder = build_encoder(m.arch, m.dim, m.mlp, m.small_stem)
+    params = sum(p.numel() for p in encoder.parameters())
+    buffers = sum(b.numel() for b in encoder.buffers())
+    return 4 * (3 * params + 2 * buffers + m.queue_size * m.dim)
 
 
 def dry_run_text(job: Job) -> str:
@@ -124,10 +165,52 @@ def dry_run_text(job: Job) -> str:
         lines.append(f"data: built-in '{c.data.builtin}' (materialised in the cache on the first run)")
     else:
         lines.append("data: not given (pass DATA to count classes, images and steps per epoch)")
+    lines.append(f"diagnostics: {describe_eval(c, job.train)}")
     action = {"new": "a new run", "resume": "would resume from its last checkpoint",
               "replace": "would start over, moving the old run aside"}[job.run_action]
     lines.append(f"run directory: {c.run.out} ({action})")
     return to_toml(c, "\n".join(lines))
+
+
+def describe_eval(c: PretrainConfig, train: FolderIndex | None) -> str:
+    every: int | str = c.eval.every
+    if every == 0:
+        return "off (eval.every = 0)"
+    if every == "auto":
+        every = c.eval.every_for(len(train.samples)) if train is not None else "1 (up to 50,000 training images) or 10"
+    knn = f"kNN top-1 (k {c.eval.knn_k}) against up to {c.eval.bank_images} train images" if c.eval.bank_images \
+        else "no kNN"
+    return (f"align / uniform metrics on up to {c.eval.images} held-out images and {knn}, before training and "
+            f"every {every} epoch(s)")
+
+
+def check_rendezvous_port(launch: LaunchConfig, plan: Plan) -> None:
+    """With one node and a rendezvous endpoint on this machine, its port must be free: this launcher hosts
+    the rendezvous there. (torchrun would otherwise talk to whatever holds the port and fail minutes later.)
+
+    Several nodes are left alone: another node's launcher on this machine may already host it.
+    """
+    if plan.inside_worker or launch.nnodes != 1 or not launch.rdzv_endpoint:
+        return
+    host, _, port = launch.rdzv_endpoint.rpartition(":")
+    host = host.strip("[]")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as exc:
+        raise UsageError(f"launch.rdzv_endpoint = {launch.rdzv_endpoint!r}: cannot resolve {host!r} ({exc})",
+                         hint="Give host:port of this machine, or leave rdzv_endpoint empty on one node.") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to torchrun too
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(
+                    f"launch.rdzv_endpoint = {launch.rdzv_endpoint!r}: port {port} is already in use on this machine "
+                    "(another mauctl or torchrun job?)",
+                    hint="Choose a free port, or leave launch.rdzv_endpoint empty on one node (a free port is "
+                         "picked).") from None
+            # another machine's address (EADDRNOTAVAIL) or one we may not bind: torchrun will say
 
 
 def _check_one_batch(index: FolderIndex, batch_size: int, fix: str) -> None:
@@ -187,6 +270,7 @@ def prepare_lincls(
     resolved = load_config("lincls", preset=preset, config_file=config_file, flags=flags, sets=sets,
                            environ=environ)
     config: LinclsConfig = resolved.config  # type: ignore[assignment]
+    check_tensorboard(config)
     pretrain_data = DataConfig.model_validate(enc.config["data"]) if enc.config else None
     if "data.image_size" not in resolved.origin and pretrain_data is not None:
         config.data.image_size = pretrain_data.image_size
@@ -201,14 +285,10 @@ def prepare_lincls(
         raise UsageError(f"no data for the probe: {source} does not say which dataset it was trained on",
                          hint="Give DATA, a folder with train/ and val/ (one subfolder per class).")
     train, val = scan_split(root, "train"), scan_split(root, "val")
-    if train.classes != val.classes:
-        only_train = sorted(set(train.classes) - set(val.classes))
-        only_val = sorted(set(val.classes) - set(train.classes))
-        raise UsageError(
-            f"{root}: train/ and val/ have different classes (only in train: {', '.join(only_train[:10]) or '-'}; "
-            f"only in val: {', '.join(only_val[:10]) or '-'})",
-            hint="A linear probe needs the same class folders in both splits.",
-        )
+    check_splits(train, val, "lincls")
+    if evaluate and overwrite:
+        raise UsageError("--evaluate and --overwrite contradict each other",
+                         hint="--evaluate only evaluates the trained classifier; --overwrite starts the probe over.")
     name = name or preset or (config_file.stem if config_file else "lincls")
     if not re.fullmatch(r"[\w.\-]+", name):
         raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
@@ -222,11 +302,13 @@ def prepare_lincls(
                              hint="Train the probe first (the same command without --evaluate).")
         enc = read_encoder(trained)
     plan = make_plan(config.run, config.launch, config.optim, environ)
+    check_rendezvous_port(config.launch, plan)
     if not evaluate:
         _check_one_batch(train, config.optim.batch_size, "Lower --batch-size")
     job = LinclsJob(resolved, plan, enc, root, train, val, name, evaluate)
     if not evaluate and owns_run_dir(config, environ):
         job.run_action = _check_run_dir(config, overwrite)
+        check_resume_file(config.run.resume, LINCLS_FORMAT, "linear-probe")
     return job
 
 

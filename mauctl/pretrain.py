@@ -17,18 +17,22 @@ from torch.nn.parallel import DistributedDataParallel
 from mauctl.config import PretrainConfig
 from mauctl.data.augment import TwoViews, pretrain_view
 from mauctl.data.folder import data_root, scan_split
-from mauctl.data.loader import EpochSampler, SeededImages, make_loader
-from mauctl.engine import checkpoint
+from mauctl.data.loader import BadImages, EpochSampler, SeededImages, make_loader
+from mauctl.engine import checkpoint, faults
 from mauctl.engine.loop import (
+    GRAD_NORM,
     Interval,
     accumulate,
     announce_stop,
     check_finite,
     epoch_means,
+    grad_norm,
     resume_checkpoint,
+    save_on_main,
     start_run,
 )
-from mauctl.engine.progress import Reporter
+from mauctl.diagnostics import Monitor, held_out
+from mauctl.engine.progress import Reporter, format_values
 from mauctl.engine.rundir import RunDir
 from mauctl.engine.runtime import Runtime, derive_seed, rng_state, seed_everything
 from mauctl.engine.schedule import lr_at
@@ -37,7 +41,7 @@ from mauctl.launch import bn_splits
 from mauctl.moco import MoCo, moco_losses, shuffled_keys
 
 FORMAT = "mauctl.pretrain/1"
-TERMS = ("loss", "contr", "align", "unif", "acc1", "acc5")
+TERMS = ("loss", "contr", "align", "unif", "acc1", "acc5", GRAD_NORM)
 
 
 def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
@@ -70,17 +74,34 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
         + (f", resuming from {resumed_from} at epoch {state['epoch'] + 1}" if resumed_from else "")
     )
 
-    dataset = SeededImages(index.samples, TwoViews(pretrain_view(cfg.data.aug, cfg.data.image_size)))
+    dataset = SeededImages(index.samples, TwoViews(pretrain_view(cfg.data.aug, cfg.data.image_size)),
+                           report_skipped=True)
     sampler = EpochSampler(len(dataset), cfg.optim.batch_size, rt.rank, rt.world_size, cfg.run.seed)
     loader = make_loader(dataset, sampler, cfg.data.workers, pin_memory=rt.device.type == "cuda")
+    bad = BadImages(index.root, len(index.samples), cfg.data.max_bad_fraction, rt)
     steps = sampler.steps
+    monitor, every = _monitor(cfg, rt, index, reporter)
+
+    def diagnose(epochs_done: int) -> dict[str, float]:
+        """The representation diagnostics after ``epochs_done`` epochs: logged, and returned for the epoch line."""
+        values = monitor.evaluate(model.encoder_q)
+        reporter.record({"kind": "eval", "epochs_done": epochs_done, "step": state["global_step"], **values,
+                         "eval_images": len(monitor.held.metric), "bank_images": len(monitor.held.bank),
+                         "eval_source": monitor.held.source})
+        return {k: v for k, v in values.items() if k != "eval_seconds"}
 
     def save(epoch: int, step_in_epoch: int) -> None:
-        if rt.is_main:
+        def write() -> None:
             _save(run_dir, cfg, rt, model, optimizer, scaler, state, epoch, step_in_epoch, splits)
-        rt.barrier()
+            if step_in_epoch == 0 and cfg.run.save_every and epoch % cfg.run.save_every == 0:
+                checkpoint.keep_copy(run_dir.last, run_dir.checkpoints / f"epoch_{epoch:04d}.pt")
+
+        save_on_main(rt, write)  # a failed write stops every rank together, the previous checkpoint kept
 
     try:
+        if monitor is not None and state["global_step"] == 0:
+            before = diagnose(0)
+            reporter.line(f"pretrain diagnostics before training: {format_values(before)}")
         for epoch in range(state["epoch"], cfg.optim.epochs):
             lr = lr_at(cfg.optim, epoch)
             for group in optimizer.param_groups:
@@ -89,17 +110,21 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
             if first == 0:
                 state["sums"], state["count"] = {}, 0
             sampler.set_epoch(epoch, first)
+            bad.reset()
             reporter.start_epoch(epoch, cfg.optim.epochs, steps, first)
             model.train()
             interval = Interval()
             epoch_clock = time.perf_counter()
-            for i, ((x_q, x_k), _) in enumerate(loader, start=first):
+            for i, ((x_q, x_k), _, skipped) in enumerate(loader, start=first):
+                if skipped:
+                    bad.add(skipped)  # undecodable images the loader replaced (host-side only)
                 x_q = x_q.to(rt.device, non_blocking=True)
                 x_k = x_k.to(rt.device, non_blocking=True)
                 shuffle = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "shuffle", epoch, i))
 
                 with rt.autocast():
                     q_local = F.normalize(encoder_q(x_q).float(), dim=1)
+                q_local = faults.nan_at_step(q_local, state["global_step"] + 1, rt.rank, rt.world_size)  # test hook
                 with torch.no_grad():
                     model.momentum_update(cfg.model.key_momentum)
                     k = shuffled_keys(model.encoder_k, x_k, rt, shuffle)
@@ -109,6 +134,8 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                 optimizer.zero_grad(set_to_none=True)
                 # Each rank holds the same global loss; DDP averages gradients over ranks: scale back up.
                 scaler.scale(terms["loss"] * rt.world_size).backward()
+                if not scaler.is_enabled():  # (fp16 overflows are the scaler's: it skips that step)
+                    terms[GRAD_NORM] = grad_norm(model.encoder_q.parameters())  # checked before any save
                 scaler.step(optimizer)
                 scaler.update()
                 model.queue.push(k)
@@ -119,11 +146,12 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                 if done % cfg.run.print_freq == 0 or done == steps:
                     values = interval.read()
                     check_finite(values, epoch, done, run_dir if rt.is_main else None)
+                    bad.agree(run_dir if rt.is_main else None, epoch, done)
                     accumulate(state, values, interval.count)
                     ips = interval.count * cfg.optim.batch_size / max(interval.seconds(), 1e-9)
                     record = {"kind": "step", "epoch": epoch, "step": state["global_step"], "step_in_epoch": done,
-                              "lr": lr, **values, "images_per_s": ips}
-                    reporter.step(record, {**values, "lr": lr, "img/s": round(ips)}, steps)
+                              "lr": lr, **values, "images_per_s": ips, **bad.shown()}
+                    reporter.step(record, {**values, "lr": lr, "img/s": round(ips), **bad.shown()}, steps)
                     interval = Interval()
                 signum = rt.agreed_stop()
                 if signum and done < steps:
@@ -137,11 +165,12 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
             means = epoch_means(state)
             seconds = time.perf_counter() - epoch_clock
             record = {"kind": "epoch", "epoch": epoch, "step": state["global_step"], "lr": lr, **means,
-                      "images_per_s": (steps - first) * cfg.optim.batch_size / max(seconds, 1e-9), "seconds": seconds}
+                      "images_per_s": (steps - first) * cfg.optim.batch_size / max(seconds, 1e-9), "seconds": seconds,
+                      "bad_images": bad.count}
             save(epoch + 1, 0)
-            if rt.is_main and cfg.run.save_every and (epoch + 1) % cfg.run.save_every == 0:
-                checkpoint.keep_copy(run_dir.last, run_dir.checkpoints / f"epoch_{epoch + 1:04d}.pt")
-            reporter.end_epoch(record, {**means, "lr": lr})
+            last = epoch + 1 == cfg.optim.epochs
+            diagnostics = diagnose(epoch + 1) if monitor is not None and ((epoch + 1) % every == 0 or last) else {}
+            reporter.end_epoch(record, {**means, **diagnostics, "lr": lr, **bad.shown()})
             signum = rt.agreed_stop()
             if signum and epoch + 1 < cfg.optim.epochs:
                 announce_stop(reporter, run_dir, rt.is_main, "pretrain", signum, epoch + 1, 0)
@@ -152,6 +181,24 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
         return "finished"
     finally:
         reporter.close()
+
+
+def _monitor(cfg: PretrainConfig, rt: Runtime, train, reporter: Reporter) -> tuple[Monitor | None, int]:
+    """The diagnostics monitor and how often it runs (None, 0 when eval.every = 0)."""
+    every = cfg.eval.every_for(len(train.samples))
+    if every == 0:
+        return None, 0
+    root = data_root(cfg.data)
+    val = scan_split(root, "val") if (root / "val").is_dir() else None
+    held = held_out(train, val, cfg.eval.images, cfg.eval.bank_images, cfg.run.seed)
+    if len(held.metric) < 2:
+        reporter.line(f"pretrain: no representation diagnostics: {len(held.metric)} held-out image(s) from "
+                      f"{held.source}/, at least 2 are needed (add a val/ folder, or set eval.every = 0)")
+        return None, 0
+    monitor = Monitor(held, cfg.data.aug, cfg.data.image_size, cfg.run.seed, cfg.data.workers,
+                      cfg.optim.batch_size // rt.world_size, rt, cfg.model.dim, knn=cfg.eval.bank_images > 0,
+                      k=cfg.eval.knn_k, tau=cfg.eval.knn_t)
+    return monitor, every
 
 
 def _save(run_dir: RunDir, cfg: PretrainConfig, rt: Runtime, model: MoCo, optimizer, scaler,

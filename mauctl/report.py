@@ -33,6 +33,7 @@ from rich.text import Text
 from mauctl import presets
 from mauctl.config import LINCLS_OPTIM, LossConfig, PretrainConfig, loss_name
 from mauctl.data.folder import class_list_digest
+from mauctl.engine.progress import read_metrics
 from mauctl.errors import UsageError
 
 FORMATS = ("rich", "markdown", "csv", "json")
@@ -40,8 +41,10 @@ RESULTS_FORMAT = "mauctl.lincls-results/"
 REPORT_FORMAT = "mauctl.report/1"
 TITLE = "mauctl report: published vs reproduced linear top-1 (%)"
 MARKDOWN_MARKER = f"<!-- {TITLE} -->"
-CSV_FIELDS = ["kind", "table", "row", "loss", "published", "label", "reproduced_mean", "reproduced_std", "n",
-              "diff", "best", "run", "probe", "best_top1", "top5", "reasons"]
+CSV_FIELDS_1 = ["kind", "table", "row", "loss", "published", "label", "reproduced_mean", "reproduced_std", "n",
+                "diff", "best", "run", "probe", "best_top1", "top5", "reasons"]  # before the diagnostics
+DIAGNOSTICS = ("align_metric", "unif_metric", "knn_top1")  # the pretraining run's last `eval` record
+CSV_FIELDS = CSV_FIELDS_1 + list(DIAGNOSTICS)
 AUG_LABELS = {"v1": "Normal", "v2": "Strong Aug. + MLP Head + Cosine LR"}
 OFF = "†"  # marks a cell that has runs listed under "Not in the table", and those runs
 LEGEND = (f"Published / reproduced (difference); reproduced = best top-1 of the linear probe, mean ± std over "
@@ -90,6 +93,7 @@ class Entry:
     config: dict[str, Any] | None  # the pretraining config: results' pretrain.config, else the run's config.toml
     manifest: dict[str, Any] = field(default_factory=dict)
     status: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # the run's last `eval` record in metrics.jsonl
 
     @property
     def probe(self) -> str:
@@ -187,7 +191,13 @@ def _read_entry(results_path: Path, run: Path | None, notes: list[str]) -> Entry
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             notes.append(f"cannot read {_shown_path(run / 'config.toml')}: {exc}.")
     config = pretrain.get("config") or run_config
-    return Entry(results_path, results, run, config, manifest, status)
+    diagnostics = _last_eval(run / "metrics.jsonl") if run is not None else {}
+    return Entry(results_path, results, run, config, manifest, status, diagnostics)
+
+
+def _last_eval(path: Path) -> dict[str, Any]:
+    evals = [r for r in read_metrics(path) if r.get("kind") == "eval"]
+    return evals[-1] if evals else {}
 
 
 def _read_json(path: Path, notes: list[str], missing_ok: bool = False) -> dict[str, Any] | None:
@@ -442,6 +452,7 @@ class Report:
     not_in_table: list[tuple[Entry, CellKey, list[str]]]
     other: list[tuple[Entry, list[str]]]
     notes: list[str]
+    entries: list[Entry] = field(default_factory=list)  # every run and probe, in collect()'s order
 
     def cell(self, key: CellKey) -> Cell:
         row = next(r for r in self.tables[key.table] if r.name == key.row)
@@ -464,7 +475,7 @@ def build_tables(entries: Sequence[Entry], notes: Sequence[str] = ()) -> Report:
             ])
             for row in reference[table]
         ]
-    report = Report(tables, [], [], list(notes))
+    report = Report(tables, [], [], list(notes), list(entries))
     for entry in entries:
         key, reasons = match(entry)
         if key is None:
@@ -555,7 +566,22 @@ def not_in_table_row(entry: Entry, key: CellKey, reasons: list[str], report: Rep
             published_text(report.cell(key)), "; ".join(reasons)]
 
 
+def diagnostics_row(entry: Entry) -> list[str]:
+    d = entry.diagnostics
+    epochs = d.get("epochs_done")
+    return [entry.label, loss_label(entry), entry.probe, _pct(entry.best_top1), _metric(d.get("align_metric")),
+            _metric(d.get("unif_metric")), _pct(_number(d.get("knn_top1"))), "-" if epochs is None else str(epochs)]
+
+
+def _metric(value: Any) -> str:
+    value = _number(value)
+    return "-" if value is None else f"{value:.4f}"
+
+
 HEAD = ["Augmentation", "Batch Size", "Initial LR"]
+DIAGNOSTICS_HEAD = ["Run", "Loss", "Probe", "Best top-1", "Align", "Uniform", "kNN top-1", "After epochs"]
+DIAGNOSTICS_LEGEND = ("Each pretraining run's last alignment and uniformity metrics (lower is better) and kNN "
+                      "top-1, from the eval records of its metrics.jsonl; - where it has none.")
 NOT_IN_TABLE_HEAD = ["", "Run", "Probe", "Cell", "Best top-1", "Published", "Reasons"]
 OTHER_HEAD = ["Run", "Dataset", "Preset", "Loss", "Probe", "Best top-1", "Top-5", "Why not a cell"]
 
@@ -587,6 +613,10 @@ def render_markdown(report: Report) -> str:
     if report.other:
         lines += ["", "## Other runs", "", _md_row(OTHER_HEAD), _md_row(["---"] * len(OTHER_HEAD))]
         lines += [_md_row(other_row(e, r)) for e, r in report.other]
+    if report.entries:
+        lines += ["", "## Representation diagnostics", "", DIAGNOSTICS_LEGEND, "",
+                  _md_row(DIAGNOSTICS_HEAD), _md_row(["---"] * len(DIAGNOSTICS_HEAD))]
+        lines += [_md_row(diagnostics_row(e)) for e in report.entries]
     if report.notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in report.notes]
     return "\n".join(lines) + "\n"
@@ -625,6 +655,14 @@ def render_rich(report: Report, console: Console) -> None:
         for e, r in report.other:
             t.add_row(*(Text(s) for s in other_row(e, r)))
         console.print(t)
+    if report.entries:
+        t = Table(title="Representation diagnostics", caption=DIAGNOSTICS_LEGEND, title_justify="left",
+                  caption_justify="left")
+        for name in DIAGNOSTICS_HEAD:
+            t.add_column(name, justify="left" if name in ("Run", "Loss", "Probe") else "right")
+        for e in report.entries:
+            t.add_row(*(Text(s) for s in diagnostics_row(e)))
+        console.print(t)
     console.print(LEGEND, markup=False, highlight=False)
     for note in report.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
@@ -646,7 +684,9 @@ def report_data(report: Report) -> dict[str, Any]:
 
     def entry_data(e: Entry) -> dict[str, Any]:
         return {"run": e.label, "probe": e.probe, "best_top1": e.best_top1, "top5": e.top5,
-                "results": _shown_path(e.results_path)}
+                "results": _shown_path(e.results_path),
+                **{name: _number(e.diagnostics.get(name)) for name in DIAGNOSTICS},
+                "diagnostics_epoch": e.diagnostics.get("epochs_done")}
 
     tables = []
     for table, rows in report.tables.items():
@@ -694,23 +734,58 @@ def render_csv(report: Report) -> str:
                     "reproduced_mean", "reproduced_std", "n", "diff")}, "best": c["best"]})
                 for e in c["entries"]:
                     writer.writerow({"kind": "entry", **base, "run": e["run"], "probe": e["probe"],
-                                     "best_top1": e["best_top1"], "top5": e["top5"]})
+                                     "best_top1": e["best_top1"], "top5": e["top5"],
+                                     **{k: e[k] for k in DIAGNOSTICS}})
     for e in data["not_in_table"]:
         writer.writerow({"kind": "not-in-table", **{k: e[k] for k in ("table", "row", "loss", "published", "run",
-                                                                        "probe", "best_top1", "top5")},
+                                                                        "probe", "best_top1", "top5", *DIAGNOSTICS)},
                          "reasons": "; ".join(e["reasons"])})
     for e in data["other_runs"]:
         writer.writerow({"kind": "other", "loss": e["loss"], "run": e["run"], "probe": e["probe"],
-                         "best_top1": e["best_top1"], "top5": e["top5"], "reasons": "; ".join(e["reasons"])})
+                         "best_top1": e["best_top1"], "top5": e["top5"], "reasons": "; ".join(e["reasons"]),
+                         **{k: e[k] for k in DIAGNOSTICS}})
     return buffer.getvalue()
 
 
 def write_plot(report: Report, path: Path) -> None:
-    """Reproduced vs published top-1, one point per reproduced cell, error bars = std over seeds."""
+    fig = plot_figure(report)
+    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": TITLE}))
+
+
+def plot_figure(report: Report) -> Any:
+    """Two panels: reproduced vs published top-1 per cell, and the paper's uniformity-alignment scatter per run."""
     Figure, FigureCanvasAgg = _matplotlib()
-    fig = Figure(figsize=(7, 7), dpi=100)
+    fig = Figure(figsize=(14, 7), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    left, right = fig.subplots(1, 2)
+    _plot_cells(report, left)
+    _plot_align_unif(report, fig, right)
+    return fig
+
+
+def _plot_align_unif(report: Report, fig: Any, ax: Any) -> None:
+    """Uniformity (x) vs alignment (y), one point per run and probe, coloured by its linear top-1 (Wang & Isola, Fig. 5)."""
+    points = [e for e in report.entries
+              if _number(e.diagnostics.get("align_metric")) is not None
+              and _number(e.diagnostics.get("unif_metric")) is not None]
+    ax.set(xlabel="uniformity metric  log E exp(-2 ||f(x) - f(y)||²)  (lower is better)",
+           ylabel="alignment metric  E ||f(x) - f(x+)||²  (lower is better)",
+           title="Alignment and uniformity of each run (colour: linear top-1)")
+    if not points:
+        ax.text(0.5, 0.5, "no runs with diagnostics yet\n(eval records in metrics.jsonl)", transform=ax.transAxes,
+                ha="center", va="center")
+        return
+    x = [e.diagnostics["unif_metric"] for e in points]
+    y = [e.diagnostics["align_metric"] for e in points]
+    top1 = [e.best_top1 if e.best_top1 is not None else math.nan for e in points]
+    dots = ax.scatter(x, y, c=top1, cmap="viridis", s=60, edgecolors="0.2", plotnonfinite=True)
+    fig.colorbar(dots, ax=ax, label="linear top-1 (%)")
+    for e, xi, yi in zip(points, x, y):
+        ax.annotate(f"{e.label} ({e.probe})", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.margins(0.15)
+
+
+def _plot_cells(report: Report, ax: Any) -> None:
     points = [c for c in report.cells() if c.mean is not None and c.published is not None]
     values = [v for c in points for v in (c.published, c.mean)] or [60.0, 80.0]
     low, high = math.floor(min(values)) - 1, math.ceil(max(values)) + 1
@@ -729,7 +804,6 @@ def write_plot(report: Report, path: Path) -> None:
            title="Linear top-1: reproduced vs published")
     ax.set_aspect("equal")
     ax.legend(loc="upper left", fontsize=8)
-    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": TITLE}))
 
 
 def _matplotlib() -> tuple[Any, Any]:
@@ -755,7 +829,7 @@ def written_by_report(path: Path) -> bool:
     if head.startswith(b"\x89PNG"):
         return TITLE.encode() in head
     first = head.split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
-    if first in (MARKDOWN_MARKER, TITLE, ",".join(CSV_FIELDS)):
+    if first in (MARKDOWN_MARKER, TITLE, ",".join(CSV_FIELDS), ",".join(CSV_FIELDS_1)):
         return True
     if first == "{" and path.stat().st_size < 64 * 2**20:
         try:

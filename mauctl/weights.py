@@ -23,7 +23,7 @@ import torch.nn as nn
 from mauctl.backbone import build_encoder, last_linear, last_linear_path
 from mauctl.config import config_digest
 from mauctl.engine import checkpoint
-from mauctl.errors import UsageError
+from mauctl.errors import MauctlError, UsageError
 
 PRETRAIN_FORMAT = "mauctl.pretrain/1"
 LINCLS_FORMAT = "mauctl.lincls/1"
@@ -109,8 +109,8 @@ def read_encoder(path: Path | str) -> Encoder:
         raise UsageError(f"{path}: no such file or directory", hint=EXPECTED + ".")
     try:
         obj = checkpoint.load(path)
-    except Exception as exc:  # RunError for unreadable files; at this boundary it is the user's input
-        raise UsageError(getattr(exc, "message", str(exc)), hint=EXPECTED + ".") from None
+    except MauctlError as exc:  # RunError for unreadable files; at this boundary it is the user's input
+        raise UsageError(exc.message, hint=exc.hint or EXPECTED + ".") from None
     fmt = obj.get("format")
     try:
         if fmt == PRETRAIN_FORMAT:
@@ -126,6 +126,28 @@ def read_encoder(path: Path | str) -> Encoder:
         return _from_torchvision(obj, path)
     shown = ", ".join(sorted(map(str, obj))[:8])
     raise UsageError(f"{path}: not a checkpoint mauctl can read (its keys: {shown})", hint=EXPECTED + ".")
+
+
+def check_resume_file(resume: str, fmt: str, what: str) -> None:
+    """``run.resume`` = PATH must be a readable checkpoint of this kind, checked before any worker starts.
+
+    Read with ``weights_only=True`` (and memory-mapped: no tensor is copied), so a file that would run
+    code is refused here too.
+    """
+    if resume in ("auto", "none"):
+        return
+    path = Path(resume)
+    if not path.is_file():
+        raise UsageError(f"--resume {resume}: no such checkpoint file")
+    try:
+        obj = checkpoint.load(path, mmap=True)
+    except MauctlError as exc:
+        raise UsageError(f"--resume {resume}: {exc.message}", hint=exc.hint) from None
+    if obj.get("format") != fmt:
+        kind = obj.get("format") or ("an original MoCo checkpoint" if "state_dict" in obj else "no mauctl format")
+        raise UsageError(f"--resume {resume} is not a mauctl {what} checkpoint ({kind})",
+                         hint="--resume PATH continues a run from its own checkpoints/last.pt or epoch_NNNN.pt; "
+                              "pretrained weights from elsewhere are probed with `mauctl lincls CHECKPOINT`.")
 
 
 def _from_run_dir(run: Path) -> Encoder:

@@ -47,9 +47,11 @@ def run_mauctl(*args: str, cwd: Path, timeout: float = 300, **env: str) -> subpr
                           capture_output=True, text=True, timeout=timeout)
 
 
-def start_mauctl(*args: str, cwd: Path, **env: str) -> subprocess.Popen:
+def start_mauctl(*args: str, cwd: Path, new_session: bool = False, **env: str) -> subprocess.Popen:
+    """``mauctl`` running in the background; ``new_session``: in a process group of its own (to kill it whole)."""
     return subprocess.Popen([sys.executable, "-m", "mauctl", *args], cwd=cwd, env=mauctl_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=new_session)
 
 
 # The smallest real pretraining: resnet18 at 32 px, queue of 64, global batch 16.

@@ -89,9 +89,22 @@ def write_probe_folder(folder: Path, results: dict) -> Path:
     return folder / "results.json"
 
 
+def add_evals(run: Path, *evals: tuple[float, float, float | None]) -> None:
+    """metrics.jsonl as pretraining leaves it: step records and an `eval` record per (align, unif, kNN) given."""
+    lines = []
+    for epoch, (align, unif, knn) in enumerate(evals):
+        lines.append({"kind": "step", "epoch": epoch, "step": 10 * epoch + 5, "loss": 1.0, "align": 0.5})
+        lines.append({"kind": "eval", "epochs_done": epoch, "step": 10 * epoch, "align_metric": align,
+                      "unif_metric": unif, "knn_top1": knn, "eval_images": 5000})
+    text = "".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "step", "ep'  # a line cut short by a kill
+    (run / "metrics.jsonl").write_text(text, encoding="utf-8")
+
+
 def fabricate(root: Path) -> None:
     """The runs of the exact-markdown test: several cells, three seeds, and runs that are not in the table."""
-    add_probe(make_run(root, "v1-b128_contr-t0.07", preset="v1-b128", loss="contr-t0.07"), 72.80)
+    first = make_run(root, "v1-b128_contr-t0.07", preset="v1-b128", loss="contr-t0.07")
+    add_probe(first, 72.80)
+    add_evals(first, (0.9, -0.5, 20.0), (0.41234, -3.56789, 61.5))
     for seed, top1 in ((1, 67.90), (2, 68.30), (3, 68.10)):
         run = make_run(root, f"v2-b256_align3-unif3_seed{seed}", preset="v2-b256", loss="align3-unif3",
                        sets=(f"run.seed={seed}",))
@@ -106,8 +119,9 @@ def fabricate(root: Path) -> None:
               71.25, finished=False, epochs_done=37)
     add_probe(make_run(root, "in1k_align3-unif3", preset="in1k-v2-b256", loss="align3-unif3", dataset="imagenet"),
               67.80, top5=88.1)
-    add_probe(make_run(root, "demo_align3-unif3", preset="demo", loss="align3-unif3", dataset="digits"),
-              91.30, top5=99.5)
+    demo = make_run(root, "demo_align3-unif3", preset="demo", loss="align3-unif3", dataset="digits")
+    add_probe(demo, 91.30, top5=99.5)
+    add_evals(demo, (0.25, -3.0, None))
 
 
 EXPECTED_MARKDOWN = """\
@@ -154,6 +168,24 @@ pretrained 100 epochs, not 200 |
 | --- | --- | --- | --- | --- | --- | --- | --- |
 | runs/demo_align3-unif3 | 10 classes | demo | align3-unif3 | lincls | 91.30 | 99.50 | \
 dataset: 10 classes, not ImageNet-100 or ImageNet; no published row for aug v2, batch 128, LR 0.015 |
+
+## Representation diagnostics
+
+Each pretraining run's last alignment and uniformity metrics (lower is better) and kNN top-1, from the eval records of its metrics.jsonl; - where it has none.
+
+| Run | Loss | Probe | Best top-1 | Align | Uniform | kNN top-1 | After epochs |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+| runs/demo_align3-unif3 | align3-unif3 | lincls | 91.30 | 0.2500 | -3.0000 | - | 0 |
+| runs/in1k_align3-unif3 | align3-unif3 | lincls | 67.80 | - | - | - | - |
+| runs/v1-b128_contr-t0.07 | contr-t0.07 | lincls | 72.80 | 0.4123 | -3.5679 | 61.50 | 1 |
+| runs/v1-b256_align3-unif3 | align3-unif3 | cached | 68.90 | - | - | - | - |
+| runs/v1-b256_align3-unif3 | align3-unif3 | lincls | 69.50 | - | - | - | - |
+| runs/v2-b128_align2-unif2 | align2-unif2 | lincls | 71.25 | - | - | - | - |
+| runs/v2-b256_align3-unif3_e100 | align3-unif3 | lincls | 70.10 | - | - | - | - |
+| runs/v2-b256_align3-unif3_seed1 | align3-unif3 | lincls | 67.90 | - | - | - | - |
+| runs/v2-b256_align3-unif3_seed2 | align3-unif3 | lincls | 68.30 | - | - | - | - |
+| runs/v2-b256_align3-unif3_seed3 | align3-unif3 | lincls | 68.10 | - | - | - | - |
+| runs/v2-b256_contr-t0.2 | contr-t0.2 | lincls | 66.00 | - | - | - | - |
 """
 
 
@@ -236,6 +268,7 @@ def test_csv_has_one_line_per_cell_and_per_entry(runs):
     assert cell[4]["reasons"] == "pretrained 100 epochs, not 200"
     other = [r for r in rows if r["kind"] == "other"]
     assert [(r["run"], r["best_top1"]) for r in other] == [("runs/demo_align3-unif3", "91.3")]
+    assert [(r["align_metric"], r["unif_metric"], r["knn_top1"]) for r in other] == [("0.25", "-3.0", "")]
     assert len([r for r in rows if r["kind"] == "cell"]) == 7 * 5
 
 
@@ -259,6 +292,9 @@ def test_json_has_the_same_content(runs):
     assert reasons[("runs/v2-b128_align2-unif2", "lincls")] == [
         "pretraining not finished (state stopped)", "probe unfinished (37/100 epochs)"]
     assert [e["dataset"] for e in data["other_runs"]] == ["10 classes"]
+    first = next(e for c in data["tables"][0]["rows"][0]["cells"] for e in c["entries"])
+    assert (first["run"], first["align_metric"], first["unif_metric"], first["knn_top1"],
+            first["diagnostics_epoch"]) == ("runs/v1-b128_contr-t0.07", 0.41234, -3.56789, 61.5, 1)
 
 
 def test_every_difference_from_the_protocol_is_a_reason(tmp_path, monkeypatch):
@@ -333,6 +369,19 @@ def test_plot_writes_a_png_and_refuses_a_foreign_file(runs, tmp_path):
     refused = invoke("runs", "--plot", str(foreign))
     assert refused.exit_code == 2 and "photo.png" in refused.output
     assert foreign.read_bytes() == b"\x89PNG\r\n\x1a\n" + b"\0" * 100
+
+
+def test_plot_scatters_uniformity_against_alignment_coloured_by_top1(runs):
+    pytest.importorskip("matplotlib")
+    from mauctl.report import build_tables, collect, plot_figure
+
+    fig = plot_figure(build_tables(collect([runs])))
+    scatter = fig.axes[1]
+    assert "Alignment and uniformity" in scatter.get_title()
+    (dots,) = scatter.collections
+    # the two runs with eval records, in report order: demo, then v1-b128 (its last record, not its first)
+    assert dots.get_offsets().tolist() == [[-3.0, 0.25], [-3.56789, 0.41234]]
+    assert dots.get_array().tolist() == [91.3, 72.8]
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(runs, tmp_path, monkeypatch):

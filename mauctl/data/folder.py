@@ -65,6 +65,29 @@ def scan_split(data_root: Path | str, split: str) -> FolderIndex:
     return FolderIndex(root, classes, samples)
 
 
+def check_splits(train: FolderIndex, val: FolderIndex | None, command: str) -> None:
+    """Refuse (UsageError) a train/ with one class, or a val/ whose classes are not train/'s."""
+    if len(train.classes) < 2:
+        why = ("a linear probe over one class has nothing to tell apart" if command == "lincls" else
+               "one folder usually means DATA points one level too deep, and the linear probe that evaluates "
+               "the encoder needs classes to tell apart")
+        raise UsageError(
+            f"{train.root} holds a single class folder ('{train.classes[0]}'): {command} needs at least 2 ({why})",
+            hint=f"Expected {train.root}/<class>/<image> with one folder per class. If every image really is of one "
+                 "kind, split them into 2 or more folders: self-supervised pretraining does not use the labels.",
+        )
+    if val is not None and val.classes != train.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise UsageError(
+            f"{train.root.parent}: train/ and val/ have different classes (only in train: "
+            f"{', '.join(only_train[:10]) or '-'}; only in val: {', '.join(only_val[:10]) or '-'})",
+            hint="A linear probe needs the same class folders in both splits"
+                 + (" (pretraining reads only train/, but its probe reads val/: fix val/ or move it away)."
+                    if command == "pretrain" else "."),
+        )
+
+
 def _images_under(folder: Path) -> list[str]:
     found = []
     for dirpath, _, files in os.walk(folder, followlinks=True):

@@ -16,6 +16,7 @@ from mauctl.engine.manifest import write_manifest
 from mauctl.engine.progress import MetricsLog, Reporter
 from mauctl.engine import checkpoint
 from mauctl.engine.rundir import RunDir, pick_checkpoint
+from mauctl.engine.runtime import restarted
 from mauctl.errors import RunError
 
 
@@ -24,14 +25,19 @@ def start_run(run: RunDir, config: Any, runtime: Any, meta: dict[str, Any], inde
     """Rank 0: create the run directory, write config.toml, manifest.json, status, open metrics.jsonl."""
     if not runtime.is_main:
         return None
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.write_text(run.config, to_toml(config, f"Resolved by mauctl {title}; repeat the run with --config"))
-    write_manifest(run, config, runtime, {**meta, "command": title}, index, resumed_from=resumed_from, **effective)
-    log = MetricsLog(run.metrics)
-    if resumed_from:
-        log.write({"kind": "resume", "from": str(resumed_from), "epoch": state["epoch"],
-                   "step_in_epoch": state["step_in_epoch"], "world_size": runtime.world_size})
-    run.set_status("running", epoch=state["epoch"], step_in_epoch=state["step_in_epoch"])
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_text(run.config, to_toml(config, f"Resolved by mauctl {title}; repeat the run with --config"))
+        write_manifest(run, config, runtime, {**meta, "command": title}, index, resumed_from=resumed_from,
+                       **effective)
+        log = MetricsLog(run.metrics, run.path / "tensorboard" if config.run.tensorboard else None)
+        if resumed_from:
+            log.write({"kind": "resume", "from": str(resumed_from), "epoch": state["epoch"],
+                       "step_in_epoch": state["step_in_epoch"], "world_size": runtime.world_size})
+        run.set_status("running", epoch=state["epoch"], step_in_epoch=state["step_in_epoch"])
+    except OSError as exc:
+        raise RunError(f"cannot write the run directory {run.path}: {exc.strerror or exc}",
+                       hint="Check its permissions and free space, then run the same command again.") from None
     return log
 
 
@@ -39,9 +45,24 @@ def resume_checkpoint(run: RunDir, resume: str, runtime: Any, fmt: str, what: st
     """(path, checkpoint) to resume from, or (None, None): rank 0 picks, every rank reads the same file.
 
     Several nodes therefore need a shared run directory. A checkpoint of another format is refused.
+    When torchrun restarted the workers after a failure, they go on from this run's own newest
+    checkpoint, whatever ``resume`` says (a path, or "none", was meant for the first start).
     """
-    path, ckpt = pick_checkpoint(run, resume, log=print) if runtime.is_main else (None, None)
-    path = runtime.broadcast_object(str(path) if path else None)
+    path, ckpt, failure = None, None, None
+    if runtime.is_main:
+        if restarted() and run.has_checkpoint():
+            resume = "auto"
+        leftovers = checkpoint.remove_partial_files(run.checkpoints)
+        if leftovers:
+            print(f"removed {len(leftovers)} partial file(s) left in {run.checkpoints} by an interrupted save: "
+                  + ", ".join(p.name for p in leftovers))
+        try:
+            path, ckpt = pick_checkpoint(run, resume, log=print)
+        except RunError as exc:
+            failure = (exc.message, exc.hint)
+    path, failure = runtime.broadcast_object((str(path) if path else None, failure))
+    if failure:  # every rank stops with rank 0's reason, none waits for it
+        raise RunError(failure[0], hint=failure[1])
     if path is None:
         return None, None
     if ckpt is None:
@@ -88,18 +109,47 @@ def epoch_means(state: dict[str, Any]) -> dict[str, float]:
 def check_finite(values: dict[str, float], epoch: int, step: int, run: RunDir | None) -> None:
     """Stop with the step and the loss terms when any is NaN or infinite.
 
-    The values are the same on every rank (global losses), so every rank stops here together.
+    The values are the same on every rank (global losses, gradients averaged over the ranks), so
+    every rank stops here together. Every checkpoint is written after this check, so the last
+    good one is never replaced by weights that a non-finite gradient has already spoilt.
     """
     if all(math.isfinite(v) for v in values.values()):
         return
     shown = ", ".join(f"{k} {v}" for k, v in values.items())
+    what = "gradient" if all(math.isfinite(v) for k, v in values.items() if k != GRAD_NORM) else "loss"
     if run is not None:
-        run.set_status("failed", epoch=epoch, step_in_epoch=step, reason="non-finite loss")
+        run.set_status("failed", epoch=epoch, step_in_epoch=step, reason=f"non-finite {what}")
     raise RunError(
-        f"non-finite loss at epoch {epoch + 1}, step {step} ({shown}); training stopped, "
+        f"non-finite {what} at epoch {epoch + 1}, step {step} ({shown}); training stopped, "
         f"the last good checkpoint is kept",
         hint="Lower optim.lr or use run.precision = 'fp32'; resume with the same command.",
     )
+
+
+GRAD_NORM = "grad_norm"
+
+
+def grad_norm(parameters: Any) -> torch.Tensor:
+    """The L2 norm of all gradients as a device tensor (no host sync): NaN or inf if any gradient is."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def save_on_main(runtime: Any, save: Any) -> None:
+    """Rank 0 runs ``save()``; every rank learns whether it worked, so all go on or all stop together."""
+    failure = None
+    if runtime.is_main:
+        try:
+            save()
+        except RunError as exc:
+            failure = (exc.message, exc.hint)
+    failure = runtime.broadcast_object(failure)
+    if failure:
+        raise RunError(failure[0], hint=failure[1])
 
 
 def announce_stop(reporter: Reporter, run: RunDir, is_main: bool, title: str, signum: int, epoch: int,

@@ -15,22 +15,52 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class MetricsLog:
-    """Append-only JSON lines; each line is flushed, so a killed run keeps everything it logged."""
+    """Append-only JSON lines; each line is flushed, so a killed run keeps everything it logged.
 
-    def __init__(self, path: Path) -> None:
+    With ``tensorboard`` (a folder), every numeric value of a record that has a ``step`` is
+    also written there as the scalar ``<kind>/<name>`` at that step; metrics.jsonl stays the
+    source of truth.
+    """
+
+    def __init__(self, path: Path, tensorboard: Path | None = None) -> None:
         self.path = path
         self._file = open(path, "a", encoding="utf-8")
+        self._board = None
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._board = SummaryWriter(str(tensorboard))
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
+        if self._board is not None and isinstance(record.get("step"), int):
+            for name, value in record.items():
+                if name not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._board.add_scalar(f"{record.get('kind', 'record')}/{name}", value, record["step"])
 
     def sync(self) -> None:
         os.fsync(self._file.fileno())
+        if self._board is not None:
+            self._board.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._board is not None:
+            self._board.close()
+
+
+NOT_SCALARS = {"step", "epoch", "step_in_epoch", "epochs_done"}  # the x axis, not a curve
+
+
+def tensorboard_missing() -> bool:
+    """Whether TensorBoard logging cannot work here (the ``tensorboard`` package is not installed)."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return True
+    return False
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -91,6 +121,11 @@ class Reporter:
         )
         self._progress.start()
         self._task = self._progress.add_task("epoch", total=steps, completed=first_step, values="")
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Write a record to metrics.jsonl only (no line)."""
+        if self.enabled and self.log is not None:
+            self.log.write(record)
 
     def step(self, record: dict[str, Any], shown: dict[str, float], steps: int) -> None:
         if not self.enabled:

@@ -27,10 +27,10 @@ RUN_FILES = ("config.toml", "manifest.json", "metrics.jsonl", "status.json", "ch
 
 # Keys that may differ when a run is resumed; any other difference is a different run.
 RESUMABLE_CHANGES = {
-    "data.root", "data.workers", "optim.epochs",
-    "run.out", "run.print_freq", "run.save_every", "run.resume", "run.device", "run.precision",
+    "data.root", "data.workers", "data.max_bad_fraction", "optim.epochs",
+    "run.out", "run.print_freq", "run.save_every", "run.resume", "run.device", "run.precision", "run.tensorboard",
 }
-RESUMABLE_SECTIONS = {"launch"}
+RESUMABLE_SECTIONS = {"launch", "eval"}  # diagnostics watch the training, they do not change it
 
 MIN_FREE_BYTES = 64 * 2**20
 
@@ -93,6 +93,18 @@ class RunDir:
 
     def set_status(self, state: str, **fields: Any) -> None:
         self.write_json(self.status, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields})
+
+    def mark_failed(self, reason: str) -> None:
+        """A run whose status still says "running" failed: say so, keeping its epoch and step (best effort)."""
+        status = self.read_status()
+        if status.get("state") != "running":
+            return
+        status.pop("time", None)
+        status.pop("state")
+        try:
+            self.set_status("failed", **{**status, "reason": reason})
+        except OSError:
+            pass
 
 
 def check_before_launch(run: RunDir, resume: str, overwrite: bool, differences: list[str]) -> str:
@@ -163,6 +175,9 @@ def check_writable(path: Path, need_bytes: int = MIN_FREE_BYTES) -> None:
     probe_dir = path
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise UsageError(f"cannot create the run directory {path}: {probe_dir} is a file, not a folder",
+                         hint="Choose another --out.")
     if not os.access(probe_dir, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write the run directory {path}: {probe_dir} is not writable",
                          hint="Choose another --out or fix the permissions.")

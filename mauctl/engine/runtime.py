@@ -169,6 +169,11 @@ def start(device: str, precision: str, timeout_s: float = 1800.0) -> Runtime:
     return runtime
 
 
+def restarted() -> bool:
+    """Whether torchrun restarted this worker group after a failure (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any tuple of values, the same on every machine and Python run."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
