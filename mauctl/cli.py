@@ -370,6 +370,70 @@ def export(
         out.print(f"note: {escape(note)}", highlight=False)
 
 
+# ---------------------------------------------------------------- bench
+
+
+@command
+def bench(
+    data: Annotated[Optional[Path], typer.Argument(help="Image folder with train/<class>/<image> (sets data.root).",
+                                                   show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Pretraining preset to measure (see `mauctl presets`).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config laid over the preset.")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="Loss column (see `mauctl pretrain --help`).")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override any key: --set section.key=value (e.g. run.precision=bf16, run.compile=true).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_help("optim.batch_size"), show_default=False)] = None,
+    arch: Annotated[Optional[str], typer.Option(help=_help("model.arch"), show_default=False)] = None,
+    image_size: Annotated[Optional[int], typer.Option(help=_help("data.image_size"), show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(help=_help("data.workers"), show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(help=_help("run.device"), show_default=False)] = None,
+    pipeline: Annotated[Optional[str], typer.Option(help=_help("data.pipeline"), show_default=False)] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per measurement (after 3 warm-up steps).")] = 20,
+    compare_pil: Annotated[bool, typer.Option(
+        "--compare-pil", help="Also measure the PIL pipeline (when the config uses the tensor one), or the "
+                              "tensor one when it uses PIL.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    show_augmentations: Annotated[Optional[Path], typer.Option(
+        help="Write a PNG grid of augmented views, PIL beside tensor, of a few DATA images; measure nothing.",
+        show_default=False)] = None,
+) -> None:
+    """Measure this machine: data pipeline, compute-only step and end-to-end images/s for a config."""
+    from mauctl.prepare import prepare_bench
+
+    flags = {
+        "data.root": str(data.resolve()) if data is not None else None,
+        "data.builtin": "" if data is not None else None,
+        "optim.batch_size": batch_size, "model.arch": arch, "data.image_size": image_size, "data.workers": workers,
+        "run.device": device, "data.pipeline": pipeline,
+    }
+    job = prepare_bench(preset=preset, config_file=config, loss=loss, flags=flags, sets=sets or [],
+                        augmentations=show_augmentations)
+    from mauctl import bench as bench_module
+
+    if show_augmentations is not None:
+        from mauctl.data.batch_augment import augmentation_grid
+
+        paths = bench_module.sample_paths(job.train, 6)
+        augmentation_grid(paths, job.config.data.aug, job.config.data.image_size, show_augmentations)
+        err.print(f"wrote {show_augmentations}: {len(paths)} images, 4 views each by the PIL recipe (left) and the "
+                  "tensor pipeline (right), the same random choices column by column", highlight=False)
+        return
+    from mauctl.engine import runtime
+    from mauctl.pretrain import pipeline_for
+
+    rt = runtime.start(job.config.run.device, job.config.run.precision)
+    try:
+        used = pipeline_for(job.config, rt.device.type)
+        pipelines = [used] + ([{"pil": "tensor", "tensor": "pil"}[used]] if compare_pil else [])
+        result = bench_module.run_bench(job.config, rt, job.train, steps, pipelines)
+    finally:
+        rt.close()
+    if as_json:
+        typer.echo(bench_module.render_json(result), nl=False)
+    else:
+        bench_module.render_table(result, out)
+
+
 # ---------------------------------------------------------------- demo
 
 

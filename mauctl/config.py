@@ -22,7 +22,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -49,7 +49,8 @@ class Section(BaseModel):
     @classmethod
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic's lax mode would read true as 1; a boolean is never a number here
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation is not bool and bool not in get_args(annotation):
             raise ValueError(f"expected {_kind(cls.model_fields[info.field_name].annotation)}, got a boolean")
         return value
 
@@ -67,6 +68,15 @@ class DataConfig(Section):
     workers: int = Field(8, ge=0, description="Data-loading processes per training process.")
     aug: Literal["v1", "v2"] = Field(
         "v1", description="Augmentation recipe: v1 = MoCo v1, v2 = MoCo v2 strong augmentation [--aug-plus]."
+    )
+    pipeline: Literal["auto", "pil", "tensor"] = Field(
+        "auto",
+        description="Augmentation pipeline: pil = PIL in the loader workers (the reference); tensor = decode and "
+        "crop in the workers, colour/blur/flip on whole batches on the device; auto = tensor on CUDA, and on CPU "
+        "up to 64 px; pil otherwise.",
+    )
+    gpu_decode: bool = Field(
+        False, description="With the tensor pipeline on CUDA: decode JPEGs on the GPU (nvJPEG) in batches."
     )
     max_bad_fraction: float = Field(
         0.001, ge=0.0, le=1.0,
@@ -148,6 +158,12 @@ class RunConfig(Section):
     print_freq: int = Field(10, ge=1, description="Log every N steps [-p].")
     resume: str = Field("auto", description="auto (continue from last.pt if any), none, or a checkpoint path.")
     save_every: int = Field(20, ge=0, description="Keep a checkpoint every N epochs besides last.pt (0 = none).")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the encoders: auto = on CUDA, off on CPU (compiling takes a minute there)."
+    )
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="channels_last memory format for the encoders and their inputs: auto = on CUDA."
+    )
     tensorboard: bool = Field(
         False, description="Also log metrics.jsonl's records to TensorBoard (<run>/tensorboard; needs mauctl[tensorboard])."
     )
@@ -258,6 +274,10 @@ class ProbeConfig(Section):
         0, ge=0, le=64,
         description="With cached_features: augmented training views (random crop + flip) cached per image; "
         "0 = train on the centre crop.",
+    )
+    crop_scale: float = Field(
+        0.08, gt=0.0, le=1.0,
+        description="Smallest area fraction of the training RandomResizedCrop (main_lincls: 0.08).",
     )
 
 
@@ -569,7 +589,8 @@ def _presets_for(command: str) -> list[str]:
 
 # Keys that say where or how fast a run ran, not what it computed: left out of the digest.
 NOT_IN_DIGEST = {"data.root", "data.workers", "data.max_bad_fraction", "run.out", "run.print_freq", "run.resume",
-                 "run.save_every", "run.device", "run.precision", "run.tensorboard"}
+                 "run.save_every", "run.device", "run.precision", "run.tensorboard", "run.compile", "run.channels_last",
+                 "data.pipeline", "data.gpu_decode"}
 NOT_IN_DIGEST_SECTIONS = {"launch", "eval"}  # how it was launched and watched
 
 

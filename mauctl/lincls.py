@@ -10,7 +10,7 @@ After the first epoch every backbone weight is compared with the checkpoint's (i
     {"format": "mauctl.lincls-results/1", "name", "finished", "top1", "top5", "best_top1", "best_epoch",
      "epochs_done", "wall_time_s",
      "protocol": {"kind": "per-epoch", "epochs", "lr", "batch_size", "schedule", "cos", "momentum",
-                  "weight_decay", "image_size", "dataset": {"root", "classes", "train_images", "val_images",
+                  "weight_decay", "image_size", "crop_scale", "dataset": {"root", "classes", "train_images", "val_images",
                   "class_list_sha256"}},
      "pretrain": {"source", "path", "run_dir", "arch", "epoch", "config_digest", "config"},
      "history": [{"epoch", "top1", "top5", "train_loss", "train_acc1", "lr"}, ...]}
@@ -83,8 +83,10 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
         f"{len(train.samples)} train / {len(val.samples)} val images, world size {rt.world_size} on {rt.device.type}"
         + (f", resuming at epoch {state['epoch'] + 1}" if resumed_from else "")
     )
+    built = time.perf_counter()
     trainer = (CachedTrainer if cfg.lincls.cached_features else ImageTrainer)(cfg, rt, model, optimizer, scaler,
                                                                                train, val, reporter)
+    state["wall_time_s"] += time.perf_counter() - built  # the cached features' extraction is part of the probe
     source = _source_info(enc)
     data_info = _dataset_info(root, train, val)
     last_save = time.perf_counter()
@@ -163,7 +165,8 @@ class ImageTrainer:
             self.net = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
         size, pin = cfg.data.image_size, rt.device.type == "cuda"
         self.sampler = EpochSampler(len(train.samples), cfg.optim.batch_size, rt.rank, rt.world_size, cfg.run.seed)
-        self.loader = make_loader(SeededImages(train.samples, lincls_train_transform(size), report_skipped=True),
+        self.loader = make_loader(SeededImages(train.samples, lincls_train_transform(size, cfg.lincls.crop_scale),
+                                               report_skipped=True),
                                   self.sampler, cfg.data.workers, pin_memory=pin)
         self.val_loader = make_loader(SeededImages(val.samples, eval_transform(size), report_skipped=True),
                                       ShardSampler(len(val.samples), rt.rank, rt.world_size), cfg.data.workers,
@@ -220,7 +223,7 @@ class CachedTrainer:
         size, views = cfg.data.image_size, cfg.lincls.augmented_views
         clock = time.perf_counter()
         transforms = [(eval_transform(size), None)] if views == 0 else [
-            (lincls_train_transform(size), v) for v in range(1, views + 1)]
+            (lincls_train_transform(size, cfg.lincls.crop_scale), v) for v in range(1, views + 1)]
         self.bad = BadImages(train.root, len(train.samples), cfg.data.max_bad_fraction, rt)
         self.val_bad = BadImages(val.root, len(val.samples), cfg.data.max_bad_fraction, rt)
         views_xy = [self._features(model, train, t, v, self.bad) for t, v in transforms]
@@ -408,7 +411,8 @@ def _write_results(run_dir: RunDir, cfg: LinclsConfig, meta: dict[str, Any], sta
         "protocol": {"kind": "cached-features" if cfg.lincls.cached_features else "per-epoch",
                      "augmented_views": cfg.lincls.augmented_views, "epochs": o.epochs, "lr": o.lr, "batch_size": o.batch_size,
                      "schedule": list(o.schedule), "cos": o.cos, "momentum": o.momentum,
-                     "weight_decay": o.weight_decay, "image_size": cfg.data.image_size, "dataset": data_info},
+                     "weight_decay": o.weight_decay, "image_size": cfg.data.image_size,
+                     "crop_scale": cfg.lincls.crop_scale, "dataset": data_info},
         "pretrain": source,
         "history": state["history"],
     })

@@ -104,6 +104,33 @@ def check_tensorboard(config: PretrainConfig | LinclsConfig) -> None:
                               "(metrics.jsonl has every value).")
 
 
+@dataclass
+class BenchJob:
+    config: PretrainConfig
+    train: FolderIndex | None
+
+
+def prepare_bench(*, preset: str | None, config_file: Path | None, loss: str | None, flags: Mapping[str, Any],
+                  sets: Sequence[str], augmentations: Path | None = None,
+                  environ: Mapping[str, str] | None = None) -> BenchJob:
+    """Resolve and check what `mauctl bench` measures: a pretraining config, and its data if any."""
+    from mauctl.bench import check_new_file
+
+    resolved = load_config("pretrain", preset=preset, config_file=config_file, loss=loss, flags=flags, sets=sets,
+                           environ=environ)
+    config: PretrainConfig = resolved.config  # type: ignore[assignment]
+    check_encoder(config.model.arch, config.model.dim, config.model.mlp, config.model.small_stem,
+                  config.data.image_size)
+    train = scan_split(data_root(config.data), "train") if config.data.root or config.data.builtin else None
+    if augmentations is not None:
+        if train is None:
+            raise UsageError("--show-augmentations needs images: give DATA (or a preset with built-in data)")
+        check_new_file(augmentations, "--show-augmentations")
+    elif train is not None:
+        _check_one_batch(train, config.optim.batch_size, "Lower --batch-size")
+    return BenchJob(config, train)
+
+
 def owns_run_dir(config: PretrainConfig | LinclsConfig, environ: Mapping[str, str] | None = None) -> bool:
     environ = os.environ if environ is None else environ
     if in_worker(environ):
@@ -165,11 +192,26 @@ def dry_run_text(job: Job) -> str:
         lines.append(f"data: built-in '{c.data.builtin}' (materialised in the cache on the first run)")
     else:
         lines.append("data: not given (pass DATA to count classes, images and steps per epoch)")
+    lines.append(f"speed: {describe_speed(c, job.plan.device_type)}")
     lines.append(f"diagnostics: {describe_eval(c, job.train)}")
     action = {"new": "a new run", "resume": "would resume from its last checkpoint",
               "replace": "would start over, moving the old run aside"}[job.run_action]
     lines.append(f"run directory: {c.run.out} ({action})")
     return to_toml(c, "\n".join(lines))
+
+
+def describe_speed(c: PretrainConfig, device_type: str) -> str:
+    """What the "auto" speed switches become on ``device_type`` (the same rules as the workers')."""
+    from mauctl.engine.runtime import resolve_auto, resolve_dtype
+    from mauctl.pretrain import pipeline_for
+
+    device = torch.device(device_type)
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
+        resolve_dtype(c.run.precision, device)]
+    on = {True: "on", False: "off"}
+    return (f"{precision}, {pipeline_for(c, device_type)} data pipeline, "
+            f"torch.compile {on[resolve_auto(c.run.compile, device)]}, "
+            f"channels_last {on[resolve_auto(c.run.channels_last, device)]}")
 
 
 def describe_eval(c: PretrainConfig, train: FolderIndex | None) -> str:

@@ -77,7 +77,9 @@ PROBE_PHRASES = {
     "momentum": "probe: momentum {have}, not {want}",
     "weight_decay": "probe: weight decay {have}, not {want}",
     "image_size": "probe: image size {have}, not {want}",
+    "crop_scale": "probe: training crops from {have} of the image, not {want}",
 }
+PROBE_DEFAULTS = {"crop_scale": 0.08}  # results written before the key existed used main_lincls's value
 
 
 # ---------------------------------------------------------------- collect
@@ -307,7 +309,9 @@ def probe_protocol(table: str, row: str) -> dict[str, Any]:
     values = presets.load_preset("lincls").values
     optim = {**LINCLS_OPTIM.model_dump(), **values.get("optim", {})}
     image_size = values.get("data", {}).get("image_size", row_protocol(table, row)["data.image_size"])
-    return {**{k: optim[k] for k in PROBE_PHRASES if k != "image_size"}, "image_size": image_size}
+    crop_scale = values.get("lincls", {}).get("crop_scale", PROBE_DEFAULTS["crop_scale"])
+    return {**{k: optim[k] for k in PROBE_PHRASES if k not in ("image_size", "crop_scale")},
+            "image_size": image_size, "crop_scale": crop_scale}
 
 
 def _pretrain_reasons(entry: Entry, key: CellKey) -> list[str]:
@@ -339,7 +343,7 @@ def _probe_reasons(entry: Entry, key: CellKey) -> list[str]:
     if kind != "per-epoch":
         reasons.append(f"probe: {kind.replace('-', ' ')}" if isinstance(kind, str) else "probe: kind not recorded")
     for name, want in probe_protocol(key.table, key.row).items():
-        have = protocol.get(name)
+        have = protocol.get(name, PROBE_DEFAULTS.get(name))
         if not _same(have, want):
             reasons.append(_differs(PROBE_PHRASES[name], have, want))
     if entry.results.get("finished") is not True:

@@ -44,6 +44,7 @@ def test_probe_of_an_original_moco_checkpoint_keeps_its_backbone_and_writes_resu
     assert results["epochs_done"] == 2 and len(results["history"]) == 2
     assert results["best_top1"] == max(h["top1"] for h in results["history"])
     assert results["protocol"]["dataset"]["classes"] == 3 and results["protocol"]["dataset"]["val_images"] == 12
+    assert results["protocol"]["crop_scale"] == 0.08  # main_lincls's RandomResizedCrop, recorded for report
     assert results["pretrain"]["source"] == "moco" and results["pretrain"]["arch"] == "resnet18"
     assert results["protocol"]["kind"] == "per-epoch" and results["protocol"]["lr"] == 0.1
 

@@ -79,8 +79,9 @@ class TwoViews:
         return f"{type(self).__name__}({self.transform!r})"
 
 
-def lincls_train_transform(image_size: int) -> Transform:
-    return T.Compose([to_rgb, T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(),
+def lincls_train_transform(image_size: int, min_scale: float = 0.08) -> Transform:
+    """main_lincls's training view: RandomResizedCrop (area fraction from ``min_scale`` to 1) and a flip."""
+    return T.Compose([to_rgb, T.RandomResizedCrop(image_size, scale=(min_scale, 1.0)), T.RandomHorizontalFlip(),
                       *_to_normalised_tensor()])
 
 

@@ -29,6 +29,7 @@ RUN_FILES = ("config.toml", "manifest.json", "metrics.jsonl", "status.json", "ch
 RESUMABLE_CHANGES = {
     "data.root", "data.workers", "data.max_bad_fraction", "optim.epochs",
     "run.out", "run.print_freq", "run.save_every", "run.resume", "run.device", "run.precision", "run.tensorboard",
+    "run.compile", "run.channels_last", "data.pipeline", "data.gpu_decode",  # how fast, not what
 }
 RESUMABLE_SECTIONS = {"launch", "eval"}  # diagnostics watch the training, they do not change it
 

@@ -32,6 +32,7 @@ class Runtime:
     dtype: torch.dtype  # autocast dtype; float32 = no autocast
     distributed: bool
     stop: StopFlag = field(default_factory=lambda: StopFlag())
+    host_group: object = None  # a gloo group beside NCCL: host-side agreements without waiting for the GPU
 
     @property
     def is_main(self) -> bool:
@@ -86,8 +87,9 @@ class Runtime:
         signum = self.stop.signum or 0
         if not self.distributed:
             return signum
-        t = torch.tensor([signum], device=self.device, dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        # Asked every step: over gloo with a CPU tensor, so the host never waits for queued GPU work.
+        t = torch.tensor([signum], dtype=torch.int32, device=self.device if self.host_group is None else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
         return int(t.item())
 
     def broadcast_object(self, obj: object) -> object:
@@ -141,6 +143,11 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def resolve_auto(value: bool | str, device: torch.device) -> bool:
+    """A speed switch whose "auto" means: on for CUDA, off on CPU."""
+    return device.type == "cuda" if value == "auto" else bool(value)
+
+
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -165,6 +172,8 @@ def start(device: str, precision: str, timeout_s: float = 1800.0) -> Runtime:
         except Exception as exc:
             raise RunError(f"rank {rank} could not join the process group ({backend}): {exc}") from None
     runtime = Runtime(rank, world, local_rank, dev, resolve_dtype(precision, dev), distributed)
+    if distributed and dev.type == "cuda":
+        runtime.host_group = dist.new_group(backend="gloo")
     runtime.stop.install()
     return runtime
 
