@@ -768,10 +768,10 @@ def plot_figure(report: Report) -> Any:
 
 
 def _plot_align_unif(report: Report, fig: Any, ax: Any) -> None:
-    """Uniformity (x) vs alignment (y), one point per run and probe, coloured by its linear top-1 (Wang & Isola, Fig. 5)."""
-    points = [e for e in report.entries
-              if _number(e.diagnostics.get("align_metric")) is not None
-              and _number(e.diagnostics.get("unif_metric")) is not None]
+    """Uniformity (x) vs alignment (y), one point per run, coloured by its linear top-1 (Wang & Isola, Fig. 5)."""
+    points = _one_entry_per_run([e for e in report.entries
+                                 if _number(e.diagnostics.get("align_metric")) is not None
+                                 and _number(e.diagnostics.get("unif_metric")) is not None])
     ax.set(xlabel="uniformity metric  log E exp(-2 ||f(x) - f(y)||²)  (lower is better)",
            ylabel="alignment metric  E ||f(x) - f(x+)||²  (lower is better)",
            title="Alignment and uniformity of each run (colour: linear top-1)")
@@ -785,8 +785,21 @@ def _plot_align_unif(report: Report, fig: Any, ax: Any) -> None:
     dots = ax.scatter(x, y, c=top1, cmap="viridis", s=60, edgecolors="0.2", plotnonfinite=True)
     fig.colorbar(dots, ax=ax, label="linear top-1 (%)")
     for e, xi, yi in zip(points, x, y):
-        ax.annotate(f"{e.label} ({e.probe})", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(e.label, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.margins(0.15)
+
+
+def _one_entry_per_run(entries: list[Entry]) -> list[Entry]:
+    """A run probed several times is one point: its best per-epoch (published-protocol) probe, else its best."""
+    def rank(e: Entry) -> tuple[bool, float]:
+        per_epoch = (e.results.get("protocol") or {}).get("kind") == "per-epoch"
+        return per_epoch, e.best_top1 if e.best_top1 is not None else -math.inf
+
+    best: dict[str, Entry] = {}
+    for e in entries:
+        if e.label not in best or rank(e) > rank(best[e.label]):
+            best[e.label] = e
+    return list(best.values())
 
 
 def _plot_cells(report: Report, ax: Any) -> None:

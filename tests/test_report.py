@@ -376,11 +376,13 @@ def test_plot_scatters_uniformity_against_alignment_coloured_by_top1(runs):
     pytest.importorskip("matplotlib")
     from mauctl.report import build_tables, collect, plot_figure
 
+    add_probe(runs / "v1-b128_contr-t0.07", 80.0, name="cached", kind="cached-features")  # a second probe
     fig = plot_figure(build_tables(collect([runs])))
     scatter = fig.axes[1]
     assert "Alignment and uniformity" in scatter.get_title()
     (dots,) = scatter.collections
-    # the two runs with eval records, in report order: demo, then v1-b128 (its last record, not its first)
+    # one point per run with eval records, in report order: demo, then v1-b128 (its last record, not its
+    # first), coloured by its published-protocol probe rather than its cached one
     assert dots.get_offsets().tolist() == [[-3.0, 0.25], [-3.56789, 0.41234]]
     assert dots.get_array().tolist() == [91.3, 72.8]
 
