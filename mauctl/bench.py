@@ -15,6 +15,7 @@ start, torch.compile) are left out of the rates and reported apart.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ import torch
 
 from mauctl.config import PretrainConfig
 from mauctl.data.folder import FolderIndex
-from mauctl.engine.runtime import Runtime, derive_seed
+from mauctl.engine.runtime import Runtime, derive_seed, precision_name
 
 FORMAT = "mauctl.bench/1"
 WARMUP = 3
@@ -109,7 +110,7 @@ def run_bench(cfg: PretrainConfig, rt: Runtime, index: FolderIndex | None, steps
         while True:
             yield synthetic[0], synthetic[1]
 
-    counter = iter(range(1 << 62))
+    counter = itertools.count()
 
     def train(batch: tuple) -> None:
         x_q, x_k = batch[0], batch[1]
@@ -133,7 +134,7 @@ def run_bench(cfg: PretrainConfig, rt: Runtime, index: FolderIndex | None, steps
         "format": FORMAT,
         "machine": machine(),
         "device": str(rt.device),
-        "precision": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[rt.dtype],
+        "precision": precision_name(rt.dtype),
         "compile": training.compiled,
         "channels_last": training.channels_last,
         "arch": cfg.model.arch,

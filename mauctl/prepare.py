@@ -202,12 +202,11 @@ def dry_run_text(job: Job) -> str:
 
 def describe_speed(c: PretrainConfig, device_type: str) -> str:
     """What the "auto" speed switches become on ``device_type`` (the same rules as the workers')."""
-    from mauctl.engine.runtime import resolve_auto, resolve_dtype
+    from mauctl.engine.runtime import precision_name, resolve_auto, resolve_dtype
     from mauctl.pretrain import pipeline_for
 
     device = torch.device(device_type)
-    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
-        resolve_dtype(c.run.precision, device)]
+    precision = precision_name(resolve_dtype(c.run.precision, device))
     on = {True: "on", False: "off"}
     return (f"{precision}, {pipeline_for(c, device_type)} data pipeline, "
             f"torch.compile {on[resolve_auto(c.run.compile, device)]}, "

@@ -34,7 +34,7 @@ from mauctl.engine.loop import (
 )
 from mauctl.engine.progress import Reporter, format_values
 from mauctl.engine.rundir import RunDir
-from mauctl.engine.runtime import Runtime, derive_seed, resolve_auto, rng_state, seed_everything
+from mauctl.engine.runtime import Runtime, derive_seed, precision_name, resolve_auto, rng_state, seed_everything
 from mauctl.engine.schedule import lr_at
 from mauctl.errors import RunError
 from mauctl.launch import bn_splits
@@ -182,8 +182,7 @@ class Training:
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
     def describe(self) -> str:
-        precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.rt.dtype]
-        return ", ".join([precision] + ["channels_last"] * self.channels_last + ["compiled"] * self.compiled)
+        return ", ".join([precision_name(self.rt.dtype)] + ["channels_last"] * self.channels_last + ["compiled"] * self.compiled)
 
     def step(self, x_q: torch.Tensor, x_k: torch.Tensor, shuffle: torch.Generator,
              global_step: int) -> dict[str, torch.Tensor]:

@@ -148,10 +148,18 @@ def resolve_auto(value: bool | str, device: torch.device) -> bool:
     return device.type == "cuda" if value == "auto" else bool(value)
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return PRECISIONS[precision]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """"fp32", "bf16" or "fp16": run.precision's name for an autocast dtype."""
+    return next(name for name, d in PRECISIONS.items() if d == dtype)
 
 
 def start(device: str, precision: str, timeout_s: float = 1800.0) -> Runtime:
