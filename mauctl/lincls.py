@@ -41,12 +41,12 @@ from mauctl.engine.loop import (
     check_finite,
     epoch_means,
     resume_checkpoint,
+    start_epoch,
     start_run,
 )
 from mauctl.engine.progress import Reporter
 from mauctl.engine.rundir import RunDir
 from mauctl.engine.runtime import Runtime, derive_seed, rng_state, seed_everything
-from mauctl.engine.schedule import lr_at
 from mauctl.errors import RunError
 from mauctl.losses import topk_accuracy
 from mauctl.weights import Encoder, read_encoder
@@ -102,12 +102,7 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
     try:
         for epoch in range(state["epoch"], cfg.optim.epochs):
             clock = time.perf_counter()
-            lr = lr_at(cfg.optim, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            first = state["step_in_epoch"] if epoch == state["epoch"] else 0
-            if first == 0:
-                state["sums"], state["count"] = {}, 0
+            lr, first = start_epoch(optimizer, cfg.optim, state, epoch)
             model.eval()  # the backbone's BatchNorm keeps its pretrained statistics, as in main_lincls.py
             stopped_at = trainer.train_epoch(epoch, first, lr, state, run_dir)
             if stopped_at is not None:

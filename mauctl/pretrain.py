@@ -30,12 +30,12 @@ from mauctl.engine.loop import (
     grad_norm,
     resume_checkpoint,
     save_on_main,
+    start_epoch,
     start_run,
 )
 from mauctl.engine.progress import Reporter, format_values
 from mauctl.engine.rundir import RunDir
 from mauctl.engine.runtime import Runtime, derive_seed, precision_name, resolve_auto, rng_state, seed_everything
-from mauctl.engine.schedule import lr_at
 from mauctl.errors import RunError
 from mauctl.launch import bn_splits
 from mauctl.moco import MoCo, moco_losses, shuffled_keys
@@ -94,12 +94,7 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
             before = diagnose(0)
             reporter.line(f"pretrain diagnostics before training: {format_values(before)}")
         for epoch in range(state["epoch"], cfg.optim.epochs):
-            lr = lr_at(cfg.optim, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            first = state["step_in_epoch"] if epoch == state["epoch"] else 0
-            if first == 0:
-                state["sums"], state["count"] = {}, 0
+            lr, first = start_epoch(optimizer, cfg.optim, state, epoch)
             bad.reset()
             reporter.start_epoch(epoch, cfg.optim.epochs, steps, first)
             model.train()

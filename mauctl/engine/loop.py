@@ -17,6 +17,7 @@ from mauctl.engine.progress import MetricsLog, Reporter
 from mauctl.engine import checkpoint
 from mauctl.engine.rundir import RunDir, pick_checkpoint
 from mauctl.engine.runtime import restarted
+from mauctl.engine.schedule import lr_at
 from mauctl.errors import RunError
 
 
@@ -93,6 +94,20 @@ class Interval:
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
+
+
+def start_epoch(optimizer: Any, optim: Any, state: dict[str, Any], epoch: int) -> tuple[float, int]:
+    """Set the epoch's LR; (lr, the step to start at): the saved step for the epoch resumed in, else 0.
+
+    An epoch started from its first step starts its running sums afresh.
+    """
+    lr = lr_at(optim, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    first = state["step_in_epoch"] if epoch == state["epoch"] else 0
+    if first == 0:
+        state["sums"], state["count"] = {}, 0
+    return lr, first
 
 
 def accumulate(state: dict[str, Any], values: dict[str, float], count: int) -> None:
