@@ -55,6 +55,15 @@ class Section(BaseModel):
         return value
 
 
+def auto_or_int(n: Any, minimum: int, message: str) -> int | str:
+    """For an ``int | "auto"`` key: "auto", or an integer (digits in a string too) of at least ``minimum``."""
+    if isinstance(n, str) and n.strip().isdigit():
+        n = int(n)
+    if n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= minimum):
+        return n
+    raise ValueError(message)
+
+
 def _kind(annotation: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string"}.get(annotation, "a value of another type")
 
@@ -188,11 +197,7 @@ class LaunchConfig(Section):
     @field_validator("nproc_per_node", mode="before")
     @classmethod
     def _auto_or_positive(cls, n: Any) -> int | str:
-        if isinstance(n, str) and n.strip().isdigit():
-            n = int(n)
-        if n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-            return n
-        raise ValueError("expected 'auto' or a positive integer")
+        return auto_or_int(n, 1, "expected 'auto' or a positive integer")
 
     @model_validator(mode="after")
     def _nodes(self) -> LaunchConfig:
@@ -232,11 +237,7 @@ class EvalConfig(Section):
     @field_validator("every", mode="before")
     @classmethod
     def _auto_or_count(cls, n: Any) -> int | str:
-        if isinstance(n, str) and n.strip().isdigit():
-            n = int(n)
-        if n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
-            return n
-        raise ValueError("expected 'auto' or a number of epochs (0 = never)")
+        return auto_or_int(n, 0, "expected 'auto' or a number of epochs (0 = never)")
 
 
 class PretrainConfig(BaseModel):
