@@ -280,6 +280,11 @@ class ProbeConfig(Section):
         0.08, gt=0.0, le=1.0,
         description="Smallest area fraction of the training RandomResizedCrop (main_lincls: 0.08).",
     )
+    flip: bool = Field(
+        True,
+        description="Random horizontal flip of the training views (main_lincls: on). Turn it off for "
+        "classes a mirror changes, such as digits or text.",
+    )
 
 
 class LinclsConfig(BaseModel):

@@ -10,8 +10,8 @@ After the first epoch every backbone weight is compared with the checkpoint's (i
     {"format": "mauctl.lincls-results/1", "name", "finished", "top1", "top5", "best_top1", "best_epoch",
      "epochs_done", "wall_time_s",
      "protocol": {"kind": "per-epoch", "epochs", "lr", "batch_size", "schedule", "cos", "momentum",
-                  "weight_decay", "image_size", "crop_scale", "dataset": {"root", "classes", "train_images", "val_images",
-                  "class_list_sha256"}},
+                  "weight_decay", "image_size", "crop_scale", "flip",
+                  "dataset": {"root", "classes", "train_images", "val_images", "class_list_sha256"}},
      "pretrain": {"source", "path", "run_dir", "arch", "epoch", "config_digest", "config"},
      "history": [{"epoch", "top1", "top5", "train_loss", "train_acc1", "lr"}, ...]}
 """
@@ -41,6 +41,7 @@ from mauctl.engine.loop import (
     check_finite,
     epoch_means,
     resume_checkpoint,
+    save_on_main,
     start_epoch,
     start_run,
 )
@@ -92,12 +93,13 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
     last_save = time.perf_counter()
 
     def save(epoch: int, step_in_epoch: int, best: bool = False) -> None:
-        if rt.is_main:
+        def write() -> None:
             checkpoint.save_atomic(_checkpoint(cfg, model, optimizer, scaler, state, epoch, step_in_epoch, source),
                                    run_dir.last)
             if best:
                 checkpoint.keep_copy(run_dir.last, run_dir.path / "best.pt", replace=True)
-        rt.barrier()
+
+        save_on_main(rt, write)  # a failed write stops every rank together, the previous checkpoint kept
 
     try:
         for epoch in range(state["epoch"], cfg.optim.epochs):
@@ -160,8 +162,8 @@ class ImageTrainer:
             self.net = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
         size, pin = cfg.data.image_size, rt.device.type == "cuda"
         self.sampler = EpochSampler(len(train.samples), cfg.optim.batch_size, rt.rank, rt.world_size, cfg.run.seed)
-        self.loader = make_loader(SeededImages(train.samples, lincls_train_transform(size, cfg.lincls.crop_scale),
-                                               report_skipped=True),
+        augment = lincls_train_transform(size, cfg.lincls.crop_scale, cfg.lincls.flip)
+        self.loader = make_loader(SeededImages(train.samples, augment, report_skipped=True),
                                   self.sampler, cfg.data.workers, pin_memory=pin)
         self.val_loader = make_loader(SeededImages(val.samples, eval_transform(size), report_skipped=True),
                                       ShardSampler(len(val.samples), rt.rank, rt.world_size), cfg.data.workers,
@@ -218,7 +220,7 @@ class CachedTrainer:
         size, views = cfg.data.image_size, cfg.lincls.augmented_views
         clock = time.perf_counter()
         transforms = [(eval_transform(size), None)] if views == 0 else [
-            (lincls_train_transform(size, cfg.lincls.crop_scale), v) for v in range(1, views + 1)]
+            (lincls_train_transform(size, cfg.lincls.crop_scale, cfg.lincls.flip), v) for v in range(1, views + 1)]
         self.bad = BadImages(train.root, len(train.samples), cfg.data.max_bad_fraction, rt)
         self.val_bad = BadImages(val.root, len(val.samples), cfg.data.max_bad_fraction, rt)
         views_xy = [self._features(model, train, t, v, self.bad) for t, v in transforms]
@@ -407,7 +409,7 @@ def _write_results(run_dir: RunDir, cfg: LinclsConfig, meta: dict[str, Any], sta
                      "augmented_views": cfg.lincls.augmented_views, "epochs": o.epochs, "lr": o.lr, "batch_size": o.batch_size,
                      "schedule": list(o.schedule), "cos": o.cos, "momentum": o.momentum,
                      "weight_decay": o.weight_decay, "image_size": cfg.data.image_size,
-                     "crop_scale": cfg.lincls.crop_scale, "dataset": data_info},
+                     "crop_scale": cfg.lincls.crop_scale, "flip": cfg.lincls.flip, "dataset": data_info},
         "pretrain": source,
         "history": state["history"],
     })

@@ -78,8 +78,10 @@ PROBE_PHRASES = {
     "weight_decay": "probe: weight decay {have}, not {want}",
     "image_size": "probe: image size {have}, not {want}",
     "crop_scale": "probe: training crops from {have} of the image, not {want}",
+    "flip": ("probe: flipped training views", "probe: no flipped training views"),
 }
-PROBE_DEFAULTS = {"crop_scale": 0.08}  # results written before the key existed used main_lincls's value
+# results written before these keys existed used main_lincls's values
+PROBE_DEFAULTS = {"crop_scale": 0.08, "flip": True}
 
 
 # ---------------------------------------------------------------- collect
@@ -309,9 +311,9 @@ def probe_protocol(table: str, row: str) -> dict[str, Any]:
     values = presets.load_preset("lincls").values
     optim = {**LINCLS_OPTIM.model_dump(), **values.get("optim", {})}
     image_size = values.get("data", {}).get("image_size", row_protocol(table, row)["data.image_size"])
-    crop_scale = values.get("lincls", {}).get("crop_scale", PROBE_DEFAULTS["crop_scale"])
-    return {**{k: optim[k] for k in PROBE_PHRASES if k not in ("image_size", "crop_scale")},
-            "image_size": image_size, "crop_scale": crop_scale}
+    lincls = {**PROBE_DEFAULTS, **values.get("lincls", {})}
+    return {**{k: optim[k] for k in PROBE_PHRASES if k not in ("image_size", *PROBE_DEFAULTS)},
+            "image_size": image_size, **{k: lincls[k] for k in PROBE_DEFAULTS}}
 
 
 def _pretrain_reasons(entry: Entry, key: CellKey) -> list[str]:

@@ -75,6 +75,16 @@ def test_probe_transforms_accept_every_input_mode(tmp_path, mode):
     assert eval_transform(32)(img).shape == (3, 32, 32)
 
 
+def test_probe_view_flips_half_the_time_and_never_with_flip_off():
+    # A left-to-right ramp at full scale: the crop keeps the ramp's direction unless the view is mirrored.
+    ramp = Image.fromarray(np.tile(np.linspace(0, 255, 32).astype(np.uint8), (32, 1)))
+    def mirrored(transform, n=200):
+        torch.manual_seed(0)
+        return sum(bool(v[0, :, 0].mean() > v[0, :, -1].mean()) for v in (transform(ramp) for _ in range(n)))
+    assert 70 <= mirrored(lincls_train_transform(32, min_scale=1.0)) <= 130
+    assert mirrored(lincls_train_transform(32, min_scale=1.0, flip=False)) == 0
+
+
 def test_16_bit_images_are_scaled_to_8_bit_not_clipped():
     wide = np.array([[0, 255, 256, 32768, 65535]], dtype=np.uint16)
     rgb = to_rgb(Image.fromarray(wide))

@@ -45,6 +45,7 @@ def test_probe_of_an_original_moco_checkpoint_keeps_its_backbone_and_writes_resu
     assert results["best_top1"] == max(h["top1"] for h in results["history"])
     assert results["protocol"]["dataset"]["classes"] == 3 and results["protocol"]["dataset"]["val_images"] == 12
     assert results["protocol"]["crop_scale"] == 0.08  # main_lincls's RandomResizedCrop, recorded for report
+    assert results["protocol"]["flip"] is True
     assert results["pretrain"]["source"] == "moco" and results["pretrain"]["arch"] == "resnet18"
     assert results["protocol"]["kind"] == "per-epoch" and results["protocol"]["lr"] == 0.1
 
@@ -86,6 +87,22 @@ def test_two_processes_count_every_val_image_once(tiny_images, tmp_path):
     # the same global batches and the same loss: the same classifier, evaluated on all 12 images
     assert b["top1"] == pytest.approx(a["top1"], abs=1e-6)
     assert b["top1"] * 12 / 100 == pytest.approx(round(b["top1"] * 12 / 100), abs=1e-6)
+
+
+def test_a_failed_checkpoint_write_stops_both_processes_and_keeps_the_last_epoch(tiny_images, tmp_path):
+    moco_checkpoint(tmp_path / "moco.pt")
+    out = tmp_path / "probe"
+    # rank 0's second checkpoint write (after epoch 2) fails as on a full disk (test hook): the probe
+    # stops with the reason, and the first epoch's checkpoint is still there, whole
+    result = run_mauctl("lincls", str(tmp_path / "moco.pt"), str(tiny_images), "--image-size", "32", *PROBE,
+                        "--epochs", "3", "--out", str(out), "--nproc-per-node", "2", cwd=tmp_path, timeout=120,
+                        MAUCTL_TEST_FAIL_SAVE="2:ENOSPC")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "could not write the checkpoint" in output and "No space left on device" in output
+    assert "Traceback" not in output
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1  # the first epoch's, whole
+    assert json.loads((out / "status.json").read_text())["state"] == "failed"
 
 
 def test_the_frozen_backbone_check_catches_a_moved_weight(tmp_path):

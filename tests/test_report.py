@@ -302,7 +302,7 @@ def test_every_difference_from_the_protocol_is_a_reason(tmp_path, monkeypatch):
     run = make_run(tmp_path / "runs", "odd", preset="v1-b128", loss="align3-unif3",
                    sets=("optim.epochs=100", "model.queue_size=4096", "optim.weight_decay=0.0005",
                          "loss.intra_batch=false"), state="running")
-    add_probe(run, 60.0, epochs=50, lr=10.0, kind="cached-features", crop_scale=0.5)
+    add_probe(run, 60.0, epochs=50, lr=10.0, kind="cached-features", crop_scale=0.5, flip=False)
     data = json.loads(invoke("runs", "--format", "json").stdout)
     [entry] = data["not_in_table"]
     assert (entry["table"], entry["row"], entry["loss"]) == ("imagenet100", "v1-b128", "align3-unif3")
@@ -316,6 +316,7 @@ def test_every_difference_from_the_protocol_is_a_reason(tmp_path, monkeypatch):
         "probe: 50 epochs, not 100",
         "probe: LR 10, not 30",
         "probe: training crops from 0.5 of the image, not 0.08",
+        "probe: no flipped training views",
     ]
 
 

@@ -79,10 +79,10 @@ class TwoViews:
         return f"{type(self).__name__}({self.transform!r})"
 
 
-def lincls_train_transform(image_size: int, min_scale: float = 0.08) -> Transform:
+def lincls_train_transform(image_size: int, min_scale: float = 0.08, flip: bool = True) -> Transform:
     """main_lincls's training view: RandomResizedCrop (area fraction from ``min_scale`` to 1) and a flip."""
-    return T.Compose([to_rgb, T.RandomResizedCrop(image_size, scale=(min_scale, 1.0)), T.RandomHorizontalFlip(),
-                      *_to_normalised_tensor()])
+    return T.Compose([to_rgb, T.RandomResizedCrop(image_size, scale=(min_scale, 1.0)),
+                      *([T.RandomHorizontalFlip()] if flip else []), *_to_normalised_tensor()])
 
 
 def eval_transform(image_size: int) -> Transform:
