@@ -167,6 +167,11 @@ class RunConfig(Section):
     print_freq: int = Field(10, ge=1, description="Log every N steps [-p].")
     resume: str = Field("auto", description="auto (continue from last.pt if any), none, or a checkpoint path.")
     save_every: int = Field(20, ge=0, description="Keep a checkpoint every N epochs besides last.pt (0 = none).")
+    save_minutes: float = Field(
+        30.0, ge=0.0,
+        description="Also write last.pt within an epoch once this many minutes have passed since the last write "
+        "(checked at logging steps; 0 = at epoch ends only): a crash loses at most about that much training.",
+    )
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile the encoders: auto = on CUDA, off on CPU (compiling takes a minute there)."
     )
@@ -595,8 +600,8 @@ def _presets_for(command: str) -> list[str]:
 
 # Keys that say where or how fast a run ran, not what it computed: left out of the digest.
 NOT_IN_DIGEST = {"data.root", "data.workers", "data.max_bad_fraction", "run.out", "run.print_freq", "run.resume",
-                 "run.save_every", "run.device", "run.precision", "run.tensorboard", "run.compile", "run.channels_last",
-                 "data.pipeline", "data.gpu_decode"}
+                 "run.save_every", "run.save_minutes", "run.device", "run.precision", "run.tensorboard",
+                 "run.compile", "run.channels_last", "data.pipeline", "data.gpu_decode"}
 NOT_IN_DIGEST_SECTIONS = {"launch", "eval"}  # how it was launched and watched
 
 

@@ -19,6 +19,7 @@ After the first epoch every backbone weight is compared with the checkpoint's (i
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from mauctl.data.loader import BadImages, EpochSampler, SeededImages, ShardSampl
 from mauctl.engine import checkpoint
 from mauctl.engine.loop import (
     Interval,
+    SaveClock,
     accumulate,
     announce_stop,
     check_finite,
@@ -92,6 +94,8 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
     data_info = _dataset_info(root, train, val)
     last_save = time.perf_counter()
 
+    save_clock = SaveClock(cfg.run.save_minutes, rt)
+
     def save(epoch: int, step_in_epoch: int, best: bool = False) -> None:
         def write() -> None:
             checkpoint.save_atomic(_checkpoint(cfg, model, optimizer, scaler, state, epoch, step_in_epoch, source),
@@ -100,13 +104,19 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                 checkpoint.keep_copy(run_dir.last, run_dir.path / "best.pt", replace=True)
 
         save_on_main(rt, write)  # a failed write stops every rank together, the previous checkpoint kept
+        save_clock.reset()
+
+    def save_if_due(epoch: int, done: int) -> None:
+        """At a logging step within an epoch: write last.pt when run.save_minutes have passed."""
+        if save_clock.due():
+            save(epoch, done)
 
     try:
         for epoch in range(state["epoch"], cfg.optim.epochs):
             clock = time.perf_counter()
             lr, first = start_epoch(optimizer, cfg.optim, state, epoch)
             model.eval()  # the backbone's BatchNorm keeps its pretrained statistics, as in main_lincls.py
-            stopped_at = trainer.train_epoch(epoch, first, lr, state, run_dir)
+            stopped_at = trainer.train_epoch(epoch, first, lr, state, run_dir, save_if_due)
             if stopped_at is not None:
                 state["wall_time_s"] += time.perf_counter() - clock
                 save(epoch, stopped_at)
@@ -171,7 +181,8 @@ class ImageTrainer:
         self.bad = BadImages(train.root, len(train.samples), cfg.data.max_bad_fraction, rt)
         self.val_bad = BadImages(val.root, len(val.samples), cfg.data.max_bad_fraction, rt)
 
-    def train_epoch(self, epoch: int, first: int, lr: float, state: dict[str, Any], run_dir: RunDir) -> int | None:
+    def train_epoch(self, epoch: int, first: int, lr: float, state: dict[str, Any], run_dir: RunDir,
+                    save_if_due: Callable[[int, int], None]) -> int | None:
         """One epoch from step ``first``; the step it stopped at when a stop signal came, else None."""
         rt, steps = self.rt, self.sampler.steps
         self.sampler.set_epoch(epoch, first)
@@ -192,6 +203,8 @@ class ImageTrainer:
                 self.bad.agree(run_dir if rt.is_main else None, epoch, done)
                 interval = _log_interval(interval, epoch, done, steps, lr, state, self.reporter,
                                          run_dir if rt.is_main else None, self.bad.shown())
+                if done < steps:
+                    save_if_due(epoch, done)
             if done < steps and rt.agreed_stop():
                 accumulate(state, interval.read() if interval.count else {}, interval.count)
                 return done
@@ -264,7 +277,9 @@ class CachedTrainer:
         local_y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=rt.device)
         return rt.gather_shards(local, len(index.samples)), rt.gather_shards(local_y, len(index.samples))
 
-    def train_epoch(self, epoch: int, first: int, lr: float, state: dict[str, Any], run_dir: RunDir) -> None:
+    def train_epoch(self, epoch: int, first: int, lr: float, state: dict[str, Any], run_dir: RunDir,
+                    save_if_due: Callable[[int, int], None]) -> None:
+        """One epoch over the cached features; it takes milliseconds, so no checkpoint is written within it."""
         g = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "order", epoch))
         order = torch.randperm(self.train_x.shape[1], generator=g).to(self.rt.device)
         view = torch.randint(self.train_x.shape[0], (self.train_x.shape[1],), generator=g).to(self.rt.device)

@@ -23,6 +23,7 @@ from mauctl.engine import checkpoint, faults
 from mauctl.engine.loop import (
     GRAD_NORM,
     Interval,
+    SaveClock,
     accumulate,
     announce_stop,
     check_finite,
@@ -81,6 +82,8 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                          "eval_source": monitor.held.source})
         return {k: v for k, v in values.items() if k != "eval_seconds"}
 
+    clock = SaveClock(cfg.run.save_minutes, rt)
+
     def save(epoch: int, step_in_epoch: int) -> None:
         def write() -> None:
             _save(run_dir, cfg, rt, model, optimizer, scaler, state, epoch, step_in_epoch, splits)
@@ -88,6 +91,7 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                 checkpoint.keep_copy(run_dir.last, run_dir.checkpoints / f"epoch_{epoch:04d}.pt")
 
         save_on_main(rt, write)  # a failed write stops every rank together, the previous checkpoint kept
+        clock.reset()
 
     try:
         if monitor is not None and state["global_step"] == 0:
@@ -118,6 +122,8 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                               "lr": lr, **values, "images_per_s": ips, **bad.shown()}
                     reporter.step(record, {**values, "lr": lr, "img/s": round(ips), **bad.shown()}, steps)
                     interval = Interval()
+                    if done < steps and clock.due():
+                        save(epoch, done)  # the sums so far are in state: a resume goes on from here
                 signum = rt.agreed_stop()
                 if signum and done < steps:
                     values = interval.read() if interval.count else {}

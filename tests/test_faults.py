@@ -240,6 +240,33 @@ def test_sigusr1_to_the_launcher_a_sigkilled_process_group_and_a_sigkilled_worke
     assert_same_state(uninterrupted, last(run))
 
 
+def test_a_kill_within_an_epoch_loses_only_the_steps_since_the_last_timed_checkpoint(
+        tiny_images, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    every_step = ("--set", "run.save_minutes=0.00001")  # due at every logging step (print_freq 1)
+
+    # the whole process group SIGKILLed at the fourth step of the second epoch
+    first = Watch(tiny_images, run, *every_step, new_session=True)
+    first.wait_for(lambda r: r["kind"] == "step" and r["epoch"] == 1 and r["step_in_epoch"] == 4,
+                   "the fourth step of the second epoch")
+    kill = time.time()
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.finish()
+    saved = last(run)
+    # written within the epoch: at least after its third step (the fourth's write may have been cut short)
+    assert saved["epoch"] == 1 and 3 <= saved["step_in_epoch"] < STEPS, saved["step_in_epoch"]
+
+    # the same command goes on from that step, not from the epoch's start, and ends where a run
+    # that never stopped does
+    second = Watch(tiny_images, run, *every_step)
+    figure("whole process group SIGKILLed, run.save_minutes due", -9, second.first_step() - kill,
+           first.last_step - saved["global_step"], step_seconds(second))
+    assert resumed_at(second) == saved["global_step"]
+    output = second.finish()
+    assert second.proc.returncode == 0, output
+    assert_same_state(uninterrupted, last(run))
+
+
 def test_a_nan_gradient_a_crash_while_saving_a_full_disk_and_a_corrupt_last_pt_never_lose_the_last_good_checkpoint(
         tiny_images, uninterrupted, tmp_path):
     run = tmp_path / "run"
@@ -389,3 +416,21 @@ def test_the_nan_hook_spoils_only_the_named_step_on_the_last_rank_and_the_check_
         check_finite({"loss": 0.5, "grad_norm": float("nan")}, 1, 3, None)
     with pytest.raises(RunError, match=r"non-finite loss at epoch 1, step 4 \(loss inf, grad_norm nan\)"):
         check_finite({"loss": float("inf"), "grad_norm": float("nan")}, 0, 4, None)
+
+
+def test_the_save_clock_is_due_once_its_minutes_have_passed_and_never_when_off():
+    from mauctl.engine import loop
+    from mauctl.engine.runtime import Runtime
+
+    rt = Runtime(0, 1, 0, torch.device("cpu"), torch.float32, False)
+    now = [1000.0]
+    clock = loop.SaveClock(0.5, rt, now=lambda: now[0])  # 30 s
+    now[0] += 29.9
+    assert not clock.due()
+    now[0] += 0.1
+    assert clock.due() and clock.due()  # due until a write resets it
+    clock.reset()
+    assert not clock.due()
+    off = loop.SaveClock(0.0, rt, now=lambda: now[0])
+    now[0] += 1e9
+    assert not off.due()

@@ -105,6 +105,33 @@ def test_a_failed_checkpoint_write_stops_both_processes_and_keeps_the_last_epoch
     assert json.loads((out / "status.json").read_text())["state"] == "failed"
 
 
+def test_a_probe_killed_within_an_epoch_resumes_from_its_timed_checkpoint_as_if_never_stopped(
+        tiny_images, tmp_path):
+    moco_checkpoint(tmp_path / "moco.pt")
+    # 3 steps per epoch; run.save_minutes tiny: last.pt is written at every logging step as well
+    args = ["lincls", str(tmp_path / "moco.pt"), str(tiny_images), "--image-size", "32", *PROBE,
+            "--set", "run.save_minutes=0.00001"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run_mauctl(*args, "--out", str(whole), cwd=tmp_path).returncode == 0
+
+    # writes: epoch 1 after steps 1 and 2 and at its end, epoch 2 after step 1, then the 5th (after
+    # step 2) SIGKILLs the process half-way through (test hook)
+    crashed = run_mauctl(*args, "--out", str(killed), cwd=tmp_path, MAUCTL_TEST_FAIL_SAVE="5:kill")
+    assert crashed.returncode != 0
+    saved = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 1)
+
+    resumed = run_mauctl(*args, "--out", str(killed), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming" in resumed.stdout and "removed 1 partial file(s)" in resumed.stdout
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (whole, killed))
+    assert (b["epoch"], b["global_step"]) == (a["epoch"], a["global_step"]) == (2, 6)
+    for name in ("fc.weight", "fc.bias"):
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    history = [json.loads((d / "results.json").read_text())["history"] for d in (whole, killed)]
+    assert [(h["top1"], h["train_loss"]) for h in history[0]] == [(h["top1"], h["train_loss"]) for h in history[1]]
+
+
 def test_the_frozen_backbone_check_catches_a_moved_weight(tmp_path):
     moco_checkpoint(tmp_path / "moco.pt")
     enc = read_encoder(tmp_path / "moco.pt")

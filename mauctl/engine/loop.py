@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,23 @@ def save_on_main(runtime: Any, save: Any) -> None:
     failure = runtime.broadcast_object(failure)
     if failure:
         raise RunError(failure[0], hint=failure[1])
+
+
+class SaveClock:
+    """When a checkpoint within an epoch is due (run.save_minutes): rank 0's clock, so every rank agrees.
+
+    Asked at logging steps, which are the same steps on every rank; ``reset`` after every write.
+    """
+
+    def __init__(self, minutes: float, runtime: Any, now: Callable[[], float] = time.monotonic) -> None:
+        self.seconds, self.runtime, self.now = minutes * 60.0, runtime, now
+        self.reset()
+
+    def reset(self) -> None:
+        self.last = self.now()
+
+    def due(self) -> bool:
+        return bool(self.seconds) and self.runtime.main_says(self.now() - self.last >= self.seconds)
 
 
 def announce_stop(reporter: Reporter, run: RunDir, is_main: bool, title: str, signum: int, epoch: int,

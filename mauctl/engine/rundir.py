@@ -4,7 +4,8 @@
     <run>/manifest.json     versions, world size, effective batch, dataset, git revision, starts
     <run>/metrics.jsonl     one JSON object per logged step and per epoch
     <run>/status.json       running / stopped / finished / failed, with the epoch and step
-    <run>/checkpoints/      last.pt every epoch, epoch_NNNN.pt every run.save_every epochs
+    <run>/checkpoints/      last.pt every epoch and every run.save_minutes within one, epoch_NNNN.pt every
+                            run.save_every epochs
 
 Nothing here deletes anything: ``--overwrite`` moves the old run aside.
 """
@@ -19,19 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mauctl.config import read_toml
+from mauctl.config import NOT_IN_DIGEST, NOT_IN_DIGEST_SECTIONS, read_toml
 from mauctl.engine import checkpoint
 from mauctl.errors import RunError, UsageError
 
 RUN_FILES = ("config.toml", "manifest.json", "metrics.jsonl", "status.json", "checkpoints")
 
-# Keys that may differ when a run is resumed; any other difference is a different run.
-RESUMABLE_CHANGES = {
-    "data.root", "data.workers", "data.max_bad_fraction", "optim.epochs",
-    "run.out", "run.print_freq", "run.save_every", "run.resume", "run.device", "run.precision", "run.tensorboard",
-    "run.compile", "run.channels_last", "data.pipeline", "data.gpu_decode",  # how fast, not what
-}
-RESUMABLE_SECTIONS = {"launch", "eval"}  # diagnostics watch the training, they do not change it
+# Keys that may differ when a run is resumed: where and how fast it runs (the keys left out of the
+# config digest) and how long; any other difference is a different run.
+RESUMABLE_CHANGES = NOT_IN_DIGEST | {"optim.epochs"}
+RESUMABLE_SECTIONS = NOT_IN_DIGEST_SECTIONS  # how it was launched and watched, not what it computes
 
 MIN_FREE_BYTES = 64 * 2**20
 

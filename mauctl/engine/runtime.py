@@ -92,6 +92,15 @@ class Runtime:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
         return int(t.item())
 
+    def main_says(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank: one small all-reduce, on the host like agreed_stop's."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag and self.is_main)], dtype=torch.int32,
+                         device=self.device if self.host_group is None else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(t.item())
+
     def broadcast_object(self, obj: object) -> object:
         if not self.distributed:
             return obj
