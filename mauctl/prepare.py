@@ -194,6 +194,7 @@ def dry_run_text(job: Job) -> str:
         lines.append("data: not given (pass DATA to count classes, images and steps per epoch)")
     lines.append(f"speed: {describe_speed(c, job.plan.device_type)}")
     lines.append(f"diagnostics: {describe_eval(c, job.train)}")
+    lines.append(f"checkpoints: {describe_checkpoints(c)}")
     action = {"new": "a new run", "resume": "would resume from its last checkpoint",
               "replace": "would start over, moving the old run aside"}[job.run_action]
     lines.append(f"run directory: {c.run.out} ({action})")
@@ -211,6 +212,12 @@ def describe_speed(c: PretrainConfig, device_type: str) -> str:
     return (f"{precision}, {pipeline_for(c, device_type)} data pipeline, "
             f"torch.compile {on[resolve_auto(c.run.compile, device)]}, "
             f"channels_last {on[resolve_auto(c.run.channels_last, device)]}")
+
+
+def describe_checkpoints(c: PretrainConfig) -> str:
+    within = f"every {c.run.save_minutes:g} minutes within one" if c.run.save_minutes else "not within one"
+    kept = f"epoch_NNNN.pt kept every {c.run.save_every} epoch(s)" if c.run.save_every else "no others kept"
+    return f"last.pt after every epoch, {within}, and on a stop signal; {kept}"
 
 
 def describe_eval(c: PretrainConfig, train: FolderIndex | None) -> str:

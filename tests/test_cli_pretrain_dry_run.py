@@ -234,6 +234,22 @@ def test_dry_run_shows_the_cosine_schedule_for_v2(tmp_path, cwd):
 
 
 @pytest.mark.parametrize(
+    "sets, line",
+    [
+        ((), "checkpoints: last.pt after every epoch, every 30 minutes within one, and on a stop signal; "
+             "epoch_NNNN.pt kept every 20 epoch(s)"),
+        (("run.save_minutes=0", "run.save_every=0"), "checkpoints: last.pt after every epoch, not within one, "
+                                                      "and on a stop signal; no others kept"),
+        (("run.save_minutes=7.5",), "checkpoints: last.pt after every epoch, every 7.5 minutes within one, "
+                                    "and on a stop signal; epoch_NNNN.pt kept every 20 epoch(s)"),
+    ],
+)
+def test_plan_says_when_checkpoints_are_written(sets, line, cwd):
+    _, stdout = dry_run("--preset", "v1-b256", *(a for s in sets for a in ("--set", s)))
+    assert line in plan_lines(stdout)
+
+
+@pytest.mark.parametrize(
     "args, world, batch",
     [
         (["--preset", "v1-b256"], "world size: 1 = 1 node(s) x 1 process(es) on cpu",
