@@ -82,7 +82,7 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                          "eval_source": monitor.held.source})
         return {k: v for k, v in values.items() if k != "eval_seconds"}
 
-    clock = SaveClock(cfg.run.save_minutes, rt)
+    save_clock = SaveClock(cfg.run.save_minutes, rt)
 
     def save(epoch: int, step_in_epoch: int) -> None:
         def write() -> None:
@@ -91,7 +91,7 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                 checkpoint.keep_copy(run_dir.last, run_dir.checkpoints / f"epoch_{epoch:04d}.pt")
 
         save_on_main(rt, write)  # a failed write stops every rank together, the previous checkpoint kept
-        clock.reset()
+        save_clock.reset()
 
     try:
         if monitor is not None and state["global_step"] == 0:
@@ -122,7 +122,7 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                               "lr": lr, **values, "images_per_s": ips, **bad.shown()}
                     reporter.step(record, {**values, "lr": lr, "img/s": round(ips), **bad.shown()}, steps)
                     interval = Interval()
-                    if done < steps and clock.due():
+                    if done < steps and save_clock.due():
                         save(epoch, done)  # the sums so far are in state: a resume goes on from here
                 signum = rt.agreed_stop()
                 if signum and done < steps:
