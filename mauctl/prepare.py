@@ -368,9 +368,36 @@ def lincls_dry_run_text(job: LinclsJob) -> str:
         f"data: {job.data_root}: {len(job.train.classes)} classes, {len(job.train.samples)} train / "
         f"{len(job.val.samples)} val images",
         f"world size: {job.plan.world_size} on {job.plan.device_type}",
+        f"protocol: {describe_probe(job.config, len(job.train.samples))}",
+        f"LR schedule: {describe_schedule(job.config.optim)}",
+        f"checkpoints: {describe_probe_checkpoints(job.config)}",
         f"output: {job.config.run.out}",
     ])
     return to_toml(job.config, header)
+
+
+def describe_probe(c: LinclsConfig, train_images: int) -> str:
+    """How the linear layer is trained: on which views, how many steps, evaluated on what."""
+    p, size = c.lincls, c.data.image_size
+    steps = train_images // c.optim.batch_size
+    views = (f"random crops of {p.crop_scale:.0%} to 100% of the image"
+             + (", mirrored half the time" if p.flip else ", never mirrored"))
+    if not p.cached_features:
+        how = f"per-epoch, as in main_lincls.py: every epoch reads the images again; training views are {views}"
+    elif p.augmented_views == 0:
+        how = "cached features of the centre crop, extracted once (report lists it apart)"
+    else:
+        how = (f"cached features of {p.augmented_views} training view(s) per image, extracted once "
+               f"(report lists it apart); the views are {views}")
+    return f"{how}; {steps} steps per epoch; evaluated on the {size}-px centre crop of val/"
+
+
+def describe_probe_checkpoints(c: LinclsConfig) -> str:
+    if c.lincls.cached_features:
+        return ("last.pt after an epoch that is the best so far, after the last epoch, and otherwise at most once "
+                "a minute (cached epochs take milliseconds); best.pt at the best epoch")
+    within = f"every {c.run.save_minutes:g} minutes within one" if c.run.save_minutes else "not within one"
+    return f"last.pt after every epoch, {within}, and on a stop signal; best.pt at the best epoch"
 
 
 def _default_lincls_out(enc: Encoder, name: str) -> Path:

@@ -204,6 +204,19 @@ def test_dry_run_prints_the_probe_config_and_writes_nothing(tiny_images, tmp_pat
                                       "--batch-size", "16"])
     assert result.exit_code == 0, result.output
     assert "encoder: resnet18 from moco.pt (moco)" in result.stdout
+    assert ("# protocol: per-epoch, as in main_lincls.py: every epoch reads the images again; training views are "
+            "random crops of 8% to 100% of the image, mirrored half the time; 3 steps per epoch; evaluated on the "
+            "32-px centre crop of val/\n") in result.stdout
+    assert "# LR schedule: 30, x0.1 from epoch 60, 80, 100 epochs\n" in result.stdout
+    assert ("# checkpoints: last.pt after every epoch, every 30 minutes within one, and on a stop signal; "
+            "best.pt at the best epoch\n") in result.stdout
+    cached = CliRunner().invoke(app, ["lincls", "moco.pt", str(tiny_images), "--dry-run", "--image-size", "32",
+                                      "--batch-size", "16", "--set", "lincls.cached_features=true",
+                                      "--set", "lincls.augmented_views=2", "--set", "lincls.flip=false",
+                                      "--set", "lincls.crop_scale=0.5"])
+    assert ("# protocol: cached features of 2 training view(s) per image, extracted once (report lists it apart); "
+            "the views are random crops of 50% to 100% of the image, never mirrored; 3 steps per epoch; "
+            "evaluated on the 32-px centre crop of val/\n") in cached.stdout
     config = tomllib.loads(result.stdout)
     assert config["optim"]["lr"] == 30.0 and config["optim"]["schedule"] == [60, 80]
     assert config["lincls"]["cached_features"] is False and config["data"]["image_size"] == 32
