@@ -84,22 +84,20 @@ class Runtime:
 
     def agreed_stop(self) -> int:
         """The stop signal any rank received (0 if none): the same number on every rank, so all stop together."""
-        signum = self.stop.signum or 0
-        if not self.distributed:
-            return signum
-        # Asked every step: over gloo with a CPU tensor, so the host never waits for queued GPU work.
-        t = torch.tensor([signum], dtype=torch.int32, device=self.device if self.host_group is None else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
-        return int(t.item())
+        return self._max_over_ranks(self.stop.signum or 0)
 
     def main_says(self, flag: bool) -> bool:
-        """Rank 0's ``flag`` on every rank: one small all-reduce, on the host like agreed_stop's."""
+        """Rank 0's ``flag`` on every rank."""
+        return bool(self._max_over_ranks(int(flag and self.is_main))) if self.distributed else flag
+
+    def _max_over_ranks(self, value: int) -> int:
+        """The largest ``value`` any rank passed. Asked every step: over gloo with a CPU tensor when
+        there is a host group, so the host never waits for queued GPU work."""
         if not self.distributed:
-            return flag
-        t = torch.tensor([int(flag and self.is_main)], dtype=torch.int32,
-                         device=self.device if self.host_group is None else "cpu")
+            return value
+        t = torch.tensor([value], dtype=torch.int32, device=self.device if self.host_group is None else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
-        return bool(t.item())
+        return int(t.item())
 
     def broadcast_object(self, obj: object) -> object:
         if not self.distributed:
