@@ -22,7 +22,7 @@ from mauctl import __version__
 from mauctl.backbone import build_encoder, check_encoder
 from mauctl.config import (DataConfig, LaunchConfig, LinclsConfig, PretrainConfig, Resolved, load_config,
                            loss_name, read_toml, to_toml)
-from mauctl.data.folder import FolderIndex, check_splits, data_root, scan_split
+from mauctl.data.folder import FolderIndex, check_splits, data_root, scan_split, scan_split_if_present
 from mauctl.engine.rundir import MIN_FREE_BYTES, RunDir, check_before_launch, check_writable, config_differences
 from mauctl.engine.runtime import restarted
 from mauctl.engine.schedule import describe_schedule
@@ -82,8 +82,7 @@ def prepare_pretrain(
     elif not config.data.builtin and not dry_run:
         raise UsageError("no training data: give a DATA folder (or data.root), or use --preset demo")
     if train is not None:
-        root = data_root(config.data)
-        check_splits(train, scan_split(root, "val") if (root / "val").is_dir() else None, "pretrain")
+        check_splits(train, scan_split_if_present(data_root(config.data), "val"), "pretrain")
         _check_one_batch(train, config.optim.batch_size, "Lower --batch-size (and model.queue_size, a multiple of it)")
     job = Job(resolved, plan, splits, train, preset, loss_name(config.loss))
     if owns_run_dir(config, environ):

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mauctl.config import PretrainConfig
 from mauctl.data.augment import TwoViews, pretrain_view
-from mauctl.data.folder import FolderIndex, data_root, scan_split
+from mauctl.data.folder import FolderIndex, data_root, scan_split, scan_split_if_present
 from mauctl.data.loader import BadImages, EpochSampler, SeededImages, make_loader
 from mauctl.diagnostics import Monitor, held_out
 from mauctl.engine import checkpoint, faults
@@ -277,8 +277,7 @@ def _monitor(cfg: PretrainConfig, rt: Runtime, train, reporter: Reporter) -> tup
     every = cfg.eval.every_for(len(train.samples))
     if every == 0:
         return None, 0
-    root = data_root(cfg.data)
-    val = scan_split(root, "val") if (root / "val").is_dir() else None
+    val = scan_split_if_present(data_root(cfg.data), "val")
     held = held_out(train, val, cfg.eval.images, cfg.eval.bank_images, cfg.run.seed)
     if len(held.metric) < 2:
         reporter.line(f"pretrain: no representation diagnostics: {len(held.metric)} held-out image(s) from "

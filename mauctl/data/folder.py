@@ -65,6 +65,11 @@ def scan_split(data_root: Path | str, split: str) -> FolderIndex:
     return FolderIndex(root, classes, samples)
 
 
+def scan_split_if_present(data_root: Path | str, split: str) -> FolderIndex | None:
+    """``scan_split``, or None when ``data_root`` has no such folder (pretraining's val/ is optional)."""
+    return scan_split(data_root, split) if (Path(data_root) / split).is_dir() else None
+
+
 def check_splits(train: FolderIndex, val: FolderIndex | None, command: str) -> None:
     """Refuse (UsageError) a train/ with one class, or a val/ whose classes are not train/'s."""
     if len(train.classes) < 2:
