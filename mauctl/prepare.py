@@ -214,9 +214,13 @@ def describe_speed(c: PretrainConfig, device_type: str) -> str:
 
 
 def describe_checkpoints(c: PretrainConfig) -> str:
-    within = f"every {c.run.save_minutes:g} minutes within one" if c.run.save_minutes else "not within one"
     kept = f"epoch_NNNN.pt kept every {c.run.save_every} epoch(s)" if c.run.save_every else "no others kept"
-    return f"last.pt after every epoch, {within}, and on a stop signal; {kept}"
+    return f"{_last_pt_every_epoch(c.run.save_minutes)}; {kept}"
+
+
+def _last_pt_every_epoch(save_minutes: float) -> str:
+    within = f"every {save_minutes:g} minutes within one" if save_minutes else "not within one"
+    return f"last.pt after every epoch, {within}, and on a stop signal"
 
 
 def describe_eval(c: PretrainConfig, train: FolderIndex | None) -> str:
@@ -395,8 +399,7 @@ def describe_probe_checkpoints(c: LinclsConfig) -> str:
     if c.lincls.cached_features:
         return ("last.pt after an epoch that is the best so far, after the last epoch, and otherwise at most once "
                 "a minute (cached epochs take milliseconds); best.pt at the best epoch")
-    within = f"every {c.run.save_minutes:g} minutes within one" if c.run.save_minutes else "not within one"
-    return f"last.pt after every epoch, {within}, and on a stop signal; best.pt at the best epoch"
+    return f"{_last_pt_every_epoch(c.run.save_minutes)}; best.pt at the best epoch"
 
 
 def _default_lincls_out(enc: Encoder, name: str) -> Path:
