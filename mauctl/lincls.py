@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from mauctl.backbone import last_linear
 from mauctl.config import LinclsConfig
@@ -139,11 +140,12 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                 last_save = time.perf_counter()
             if rt.is_main:
                 _write_results(run_dir, cfg, meta, state, source, data_info, finished=final)
+            bad = trainer.bad_images()
             reporter.end_epoch({"kind": "epoch", "epoch": epoch, "step": state["global_step"], "lr": lr,
                                 "train_loss": means.get("loss"), "train_acc1": means.get("acc1"),
-                                "top1": top1, "top5": top5, **trainer.bad_images()},
+                                "top1": top1, "top5": top5, **bad},
                                {"loss": means.get("loss", 0.0), "top1": top1, "top5": top5,
-                                "best": state["best_top1"], **{k: v for k, v in trainer.bad_images().items() if v}})
+                                "best": state["best_top1"], **{k: v for k, v in bad.items() if v}})
             signum = rt.agreed_stop()
             if signum and not final:
                 save(epoch + 1, 0)
@@ -159,7 +161,18 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
         reporter.close()
 
 
-class ImageTrainer:
+class BadImageCounts:
+    """What both trainers share: the bad images met in train/ and in val/, counted per epoch."""
+
+    def _count_bad_images(self, cfg: LinclsConfig, rt: Runtime, train: FolderIndex, val: FolderIndex) -> None:
+        self.bad = BadImages(train.root, len(train.samples), cfg.data.max_bad_fraction, rt)
+        self.val_bad = BadImages(val.root, len(val.samples), cfg.data.max_bad_fraction, rt)
+
+    def bad_images(self) -> dict[str, int]:
+        return {"bad_images": self.bad.count, "val_bad_images": self.val_bad.count}
+
+
+class ImageTrainer(BadImageCounts):
     """The published protocol: every epoch reads and augments the images and runs the frozen backbone."""
 
     save_every_epoch = True
@@ -175,11 +188,8 @@ class ImageTrainer:
         augment = lincls_train_transform(size, cfg.lincls.crop_scale, cfg.lincls.flip)
         self.loader = make_loader(SeededImages(train.samples, augment, report_skipped=True),
                                   self.sampler, cfg.data.workers, pin_memory=pin)
-        self.val_loader = make_loader(SeededImages(val.samples, eval_transform(size), report_skipped=True),
-                                      ShardSampler(len(val.samples), rt.rank, rt.world_size), cfg.data.workers,
-                                      pin_memory=pin, batch_size=self.sampler.per_rank)
-        self.bad = BadImages(train.root, len(train.samples), cfg.data.max_bad_fraction, rt)
-        self.val_bad = BadImages(val.root, len(val.samples), cfg.data.max_bad_fraction, rt)
+        self.val_loader = val_loader(cfg, rt, val)
+        self._count_bad_images(cfg, rt, train, val)
 
     def train_epoch(self, epoch: int, first: int, lr: float, state: dict[str, Any], run_dir: RunDir,
                     save_if_due: Callable[[int, int], None]) -> int | None:
@@ -213,11 +223,8 @@ class ImageTrainer:
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.net, self.val_loader, self.rt, self.val_bad)
 
-    def bad_images(self) -> dict[str, int]:
-        return {"bad_images": self.bad.count, "val_bad_images": self.val_bad.count}
 
-
-class CachedTrainer:
+class CachedTrainer(BadImageCounts):
     """The fast variant: the frozen features are computed once; epochs train the linear layer on them.
 
     Every rank extracts a shard of the features and receives all of them, then trains the same
@@ -234,8 +241,7 @@ class CachedTrainer:
         clock = time.perf_counter()
         transforms = [(eval_transform(size), None)] if views == 0 else [
             (lincls_train_transform(size, cfg.lincls.crop_scale, cfg.lincls.flip), v) for v in range(1, views + 1)]
-        self.bad = BadImages(train.root, len(train.samples), cfg.data.max_bad_fraction, rt)
-        self.val_bad = BadImages(val.root, len(val.samples), cfg.data.max_bad_fraction, rt)
+        self._count_bad_images(cfg, rt, train, val)
         views_xy = [self._features(model, train, t, v, self.bad) for t, v in transforms]
         self.bad.agree()
         kept = torch.stack([y >= 0 for _, y in views_xy]).all(dim=0)  # undecodable images are left out
@@ -303,9 +309,6 @@ class CachedTrainer:
         acc1, acc5 = topk_accuracy(self.fc(self.val_x), self.val_y, ks=(1, 5))
         return acc1.item(), acc5.item()
 
-    def bad_images(self) -> dict[str, int]:
-        return {"bad_images": self.bad.count, "val_bad_images": self.val_bad.count}
-
 
 def _step(logits: torch.Tensor, y: torch.Tensor, optimizer, scaler) -> torch.Tensor:
     loss = F.cross_entropy(logits.float(), y)
@@ -348,6 +351,13 @@ def check_frozen(model: nn.Module, enc: Encoder) -> None:
         )
 
 
+def val_loader(cfg: LinclsConfig, rt: Runtime, val: FolderIndex) -> DataLoader:
+    """This rank's shard of val/, centre-cropped, a per-process batch at a time; bad images reported."""
+    return make_loader(SeededImages(val.samples, eval_transform(cfg.data.image_size), report_skipped=True),
+                       ShardSampler(len(val.samples), rt.rank, rt.world_size), cfg.data.workers,
+                       pin_memory=rt.device.type == "cuda", batch_size=max(1, cfg.optim.batch_size // rt.world_size))
+
+
 @torch.no_grad()
 def evaluate(net: nn.Module, loader, rt: Runtime, bad: BadImages) -> tuple[float, float]:
     """Top-1 and top-5 (percent) over the whole val set: each rank counts its shard, the counts are summed.
@@ -383,10 +393,8 @@ def _evaluate_only(cfg: LinclsConfig, rt: Runtime, enc: Encoder, val: FolderInde
     model = enc.backbone_module(enc.dim)
     model.load_state_dict(enc.state_dict())
     model.to(rt.device).eval()
-    loader = make_loader(SeededImages(val.samples, eval_transform(cfg.data.image_size), report_skipped=True),
-                         ShardSampler(len(val.samples), rt.rank, rt.world_size), cfg.data.workers,
-                         pin_memory=rt.device.type == "cuda", batch_size=max(1, cfg.optim.batch_size // rt.world_size))
-    top1, top5 = evaluate(model, loader, rt, BadImages(val.root, len(val.samples), cfg.data.max_bad_fraction, rt))
+    top1, top5 = evaluate(model, val_loader(cfg, rt, val),
+                          rt, BadImages(val.root, len(val.samples), cfg.data.max_bad_fraction, rt))
     if rt.is_main:
         print(f"lincls --evaluate: {enc.path} on {len(val.samples)} val images: top-1 {top1:.2f}, top-5 {top5:.2f}")
         run_dir.path.mkdir(parents=True, exist_ok=True)
