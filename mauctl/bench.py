@@ -183,13 +183,3 @@ def sample_paths(index: FolderIndex, n: int) -> list[str]:
     chosen = list(firsts.values())
     step = max(1, len(chosen) // n)
     return chosen[::step][:n]
-
-
-def check_new_file(path: Path, option: str) -> None:
-    from mauctl.errors import UsageError
-
-    if path.exists() or path.is_symlink():
-        raise UsageError(f"{option} {path}: the file exists; mauctl bench does not overwrite files",
-                         hint="Choose another file name, or move that file away.")
-    if not path.parent.is_dir():
-        raise UsageError(f"{option} {path}: the folder {path.parent} does not exist")

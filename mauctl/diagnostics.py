@@ -31,6 +31,7 @@ from mauctl.data.augment import eval_transform, pretrain_view
 from mauctl.data.folder import FolderIndex
 from mauctl.data.loader import SeededImages, ShardSampler, make_loader
 from mauctl.engine.runtime import Runtime, derive_seed
+from mauctl.losses import sq_dist_unit
 
 
 def align_metric(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
@@ -55,8 +56,7 @@ def unif_metric(x: torch.Tensor, t: float = 2.0, chunk: int = 2048) -> torch.Ten
     parts = []
     for start in range(0, n, chunk):
         block = x[start:start + chunk]
-        # ||a - b||^2 = 2 - 2 a.b for unit vectors; clamp the rounding below 0
-        sq = (2 - 2 * block @ x.T).clamp_min(0)
+        sq = sq_dist_unit(block, x)
         rows = torch.arange(start, start + len(block), device=x.device)
         sq[torch.arange(len(block), device=x.device), rows] = math.inf  # i == j is not a pair
         parts.append(torch.logsumexp(-t * sq.flatten(), dim=0))

@@ -23,9 +23,8 @@ file replaced with ``--force`` survives an export that fails.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -36,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mauctl import __version__
+from mauctl import __version__, files
 from mauctl.backbone import build_encoder, last_linear
 from mauctl.engine import checkpoint
 from mauctl.errors import MauctlError, RunError, UsageError, did_you_mean
@@ -93,7 +92,7 @@ def export_encoder(source: Path | str, out: Path | str, fmt: str = "safetensors"
     source, out = Path(source), Path(out)
     fmt = _choice(fmt, FORMATS, "--format")
     head = None if head is None else _choice(head, HEADS, "--head")
-    _check_out(out, force)
+    files.check_new_file(out, "--out", force=force, force_flag="--force", make_parent=True)
     _require_format(fmt)
     enc, head = _resolve_source(source, head, lincls)
     if out.resolve() in (source.resolve(), enc.path.resolve()):
@@ -114,28 +113,22 @@ def export_encoder(source: Path | str, out: Path | str, fmt: str = "safetensors"
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        if not os.access(out.parent, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot write in {out.parent} ({exc.strerror})") from None
-    os.close(fd)
-    tmp = Path(name)
     try:
-        notes += _write(fmt, module, tmp, meta, image_size, head)
-        _fsync_file(tmp)
-        diff, limit = _check(expected, tmp, fmt, enc.arch, batch)
-        os.chmod(tmp, 0o666 & ~checkpoint.file_mode_mask())  # mkstemp makes 0600; an export is an ordinary file
-        os.replace(tmp, out)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, Exception) and not isinstance(exc, MauctlError):
-            # a disk error, or an exporter that cannot handle this network: nothing was written
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            other = "--format safetensors needs no exporter; " if fmt in ("torchscript", "onnx") else ""
-            raise RunError(f"writing the {fmt} file failed: {type(exc).__name__}: {first}; nothing was written",
-                           hint=other + "--debug shows the traceback.") from exc
-        raise
-    checkpoint.fsync_dir(out.parent)
+        with files.replaced_atomically(out) as tmp:  # renamed to --out only once the check below passed
+            notes += _write(fmt, module, tmp, meta, image_size, head)
+            diff, limit = _check(expected, tmp, fmt, enc.arch, batch)
+    except Exception as exc:
+        if isinstance(exc, MauctlError):
+            raise
+        # a disk error, or an exporter that cannot handle this network: nothing was written
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        other = "--format safetensors needs no exporter; " if fmt in ("torchscript", "onnx") else ""
+        raise RunError(f"writing the {fmt} file failed: {type(exc).__name__}: {first}; nothing was written",
+                       hint=other + "--debug shows the traceback.") from exc
     if out.suffix.lower() in SUFFIXES and fmt not in SUFFIXES[out.suffix.lower()]:
         notes.append(f"{out.name} ends in {out.suffix} but holds a {fmt} file (--format).")
     if fmt == "torchvision":
@@ -459,13 +452,6 @@ def _choice(value: str, choices: tuple[str, ...], flag: str) -> str:
     return value.lower()
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a directory", hint=f"Give a file path, e.g. {out / 'encoder.safetensors'}.")
-    if (out.exists() or out.is_symlink()) and not force:
-        raise UsageError(f"--out {out} already exists", hint="Pass --force to replace it, or choose another path.")
-
-
 def _require_format(fmt: str) -> None:
     """UsageError naming what to install when ``fmt`` needs a package that is missing."""
     if fmt == "safetensors":
@@ -497,8 +483,3 @@ def _top1(enc: Encoder) -> float | None:
 
 def _flag(value: bool) -> str:
     return "true" if value else "false"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())

@@ -41,18 +41,18 @@ def uniform_loss(
         q = _f32(q)
         parts = []
         if keys is not None and keys.numel():
-            parts.append(_sq_dist_unit(q, _f32(keys)).flatten())
+            parts.append(sq_dist_unit(q, _f32(keys)).flatten())
         if intra_batch and q.shape[0] > 1:
             i, j = torch.triu_indices(q.shape[0], q.shape[0], offset=1, device=q.device)
-            parts.append(_sq_dist_unit(q, q)[i, j])
+            parts.append(sq_dist_unit(q, q)[i, j])
         if not parts:
             raise ValueError("uniform_loss needs keys or at least two queries (with intra_batch)")
         sq = torch.cat(parts)
         return torch.logsumexp(-t * sq, dim=0) - math.log(sq.numel())
 
 
-def _sq_dist_unit(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # For unit rows ||a - b||^2 = 2 - 2 a.b; clamp the rounding error below zero away.
+def sq_dist_unit(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared distances between the unit rows of ``a`` and ``b``: ||a - b||^2 = 2 - 2 a.b, rounding below 0 clamped."""
     return (2.0 - 2.0 * a @ b.T).clamp_min(0.0)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mauctl import __version__
+from mauctl import __version__, files
 from mauctl.backbone import build_encoder, check_encoder
 from mauctl.config import (DataConfig, LaunchConfig, LinclsConfig, PretrainConfig, Resolved, load_config,
                            loss_name, read_toml, to_toml)
@@ -113,8 +113,6 @@ def prepare_bench(*, preset: str | None, config_file: Path | None, loss: str | N
                   sets: Sequence[str], augmentations: Path | None = None,
                   environ: Mapping[str, str] | None = None) -> BenchJob:
     """Resolve and check what `mauctl bench` measures: a pretraining config, and its data if any."""
-    from mauctl.bench import check_new_file
-
     resolved = load_config("pretrain", preset=preset, config_file=config_file, loss=loss, flags=flags, sets=sets,
                            environ=environ)
     config: PretrainConfig = resolved.config  # type: ignore[assignment]
@@ -124,7 +122,7 @@ def prepare_bench(*, preset: str | None, config_file: Path | None, loss: str | N
     if augmentations is not None:
         if train is None:
             raise UsageError("--show-augmentations needs images: give DATA (or a preset with built-in data)")
-        check_new_file(augmentations, "--show-augmentations")
+        files.check_new_file(augmentations, "--show-augmentations")
     elif train is not None:
         _check_one_batch(train, config.optim.batch_size, "Lower --batch-size")
     return BenchJob(config, train)

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mauctl import presets
+from mauctl import files, presets
 from mauctl.config import LINCLS_OPTIM, LossConfig, PretrainConfig, loss_name
 from mauctl.data.folder import class_list_digest
 from mauctl.engine.progress import read_metrics
@@ -755,7 +755,8 @@ def render_csv(report: Report) -> str:
 
 def write_plot(report: Report, path: Path) -> None:
     fig = plot_figure(report)
-    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": TITLE}))
+    with files.replaced_atomically(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": TITLE})
 
 
 def plot_figure(report: Report) -> Any:
@@ -858,29 +859,6 @@ def written_by_report(path: Path) -> bool:
     return False
 
 
-def check_target(path: Path, option: str) -> None:
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise UsageError(f"{option} {path}: exists and is not a regular file; mauctl report will not replace it",
-                         hint="Choose another file name.")
-    if path.exists() and not written_by_report(path):
-        raise UsageError(f"{option} {path}: the file exists and was not written by mauctl report; "
-                         "not overwriting it",
-                         hint="Choose another file name, or move that file away.")
-    if not path.parent.is_dir():
-        raise UsageError(f"{option} {path}: the folder {path.parent} does not exist")
-
-
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def run_report(paths: Sequence[Path], *, fmt: str = "rich", out_file: Path | None = None,
                plot: Path | None = None, console: Console | None = None,
                err_console: Console | None = None) -> Report:
@@ -895,7 +873,7 @@ def run_report(paths: Sequence[Path], *, fmt: str = "rich", out_file: Path | Non
                          hint="Give run directories or folders that hold them (default: runs/).")
     for target, option in ((out_file, "--out"), (plot, "--plot")):
         if target is not None:
-            check_target(target, option)
+            files.check_new_file(target, option, ours=written_by_report)
     if out_file is not None and plot is not None and os.path.abspath(out_file) == os.path.abspath(plot):
         raise UsageError("--out and --plot name the same file")
     if plot is not None:
@@ -913,7 +891,7 @@ def run_report(paths: Sequence[Path], *, fmt: str = "rich", out_file: Path | Non
     if out_file is not None:
         text = {"rich": render_rich_text, "markdown": render_markdown, "csv": render_csv,
                 "json": render_json}[fmt](report)
-        _write_atomically(out_file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        files.write_text_atomically(out_file, text)
         err_console.print(f"report written to {out_file}", markup=False, highlight=False)
     elif fmt == "rich":
         render_rich(report, console)

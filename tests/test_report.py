@@ -352,7 +352,7 @@ def test_out_writes_the_report_and_refuses_a_foreign_file(runs, tmp_path):
     foreign.write_text("my own notes\n", encoding="utf-8")
     refused = invoke("runs", "--format", "markdown", "--out", str(foreign))
     assert refused.exit_code == 2
-    assert "notes.md" in refused.output and "not written by mauctl report" in refused.output
+    assert "notes.md" in refused.output and "mauctl did not write it" in refused.output
     assert foreign.read_text(encoding="utf-8") == "my own notes\n"
     assert not list(tmp_path.glob(".*.tmp"))
 

@@ -99,4 +99,4 @@ def test_show_augmentations_writes_a_grid_and_never_overwrites(tiny_images, tmp_
     with Image.open(target) as grid:
         assert grid.format == "PNG" and grid.width > grid.height  # PIL views beside tensor views
     again = run_mauctl("bench", str(tiny_images), *BENCH, "--show-augmentations", str(target), cwd=tmp_path)
-    assert again.returncode == 2 and "does not overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr

@@ -1,8 +1,8 @@
 """Checkpoints that are never half-written and never run code when read.
 
-Save: write a temporary file beside the target, flush, fsync, ``os.replace`` over the target,
-fsync the directory. A crash at any point leaves either the old file or the new one, never a
-partial one under the real name; a write that fails (full disk, lost permission) is a RunError
+Save: ``files.replaced_atomically`` (a temporary file beside the target, fsync, ``os.replace``).
+A crash at any point leaves either the old file or the new one, never a partial one under the
+real name; a write that fails (full disk, lost permission) is a RunError
 that names the file and keeps the previous one. Load: ``torch.load(weights_only=True)`` only.
 """
 
@@ -13,7 +13,6 @@ import errno
 import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mauctl import files
 from mauctl.engine import faults
 from mauctl.errors import RunError
 
@@ -31,27 +31,16 @@ PARTIAL = re.compile(r"\..+\.pt\.[^.]+\.(tmp|link)")  # save_atomic's and keep_c
 
 def save_atomic(obj: Any, path: Path) -> None:
     """Write ``obj`` to ``path`` whole or not at all; RunError (the old file intact) when the write fails."""
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~file_mode_mask())  # mkstemp makes 0600; a checkpoint is an ordinary file
-        with os.fdopen(fd, "wb") as f:
+        with files.replaced_atomically(path) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
-            faults.during_save(f, tmp)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            faults.during_save(f, str(tmp))
     except BaseException as exc:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         # torch.save may report a failed write as a RuntimeError of its zip writer
         cause = exc if isinstance(exc, OSError) else exc.__context__ if isinstance(exc.__context__, OSError) else None
         if cause is not None or (isinstance(exc, RuntimeError) and "inline_container" in str(exc)):
             raise save_failed(path, cause or exc) from None
         raise
-    fsync_dir(path.parent)
 
 
 def save_failed(path: Path, exc: BaseException) -> RunError:
@@ -158,18 +147,3 @@ def kept_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := KEPT.fullmatch(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
-
-
-def file_mode_mask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

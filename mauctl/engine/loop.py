@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mauctl import files
 from mauctl.config import to_toml
 from mauctl.engine.manifest import write_manifest
 from mauctl.engine.progress import MetricsLog, Reporter
@@ -29,7 +30,7 @@ def start_run(run: RunDir, config: Any, runtime: Any, meta: dict[str, Any], inde
         return None
     try:
         run.path.mkdir(parents=True, exist_ok=True)
-        run.write_text(run.config, to_toml(config, f"Resolved by mauctl {title}; repeat the run with --config"))
+        files.write_text_atomically(run.config, to_toml(config, f"Resolved by mauctl {title}; repeat the run with --config"))
         write_manifest(run, config, runtime, {**meta, "command": title}, index, resumed_from=resumed_from,
                        **effective)
         log = MetricsLog(run.metrics, run.path / "tensorboard" if config.run.tensorboard else None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,3 @@ def _torchvision_version() -> str:
     import torchvision
 
     return torchvision.__version__
-
-
-def argv() -> list[str]:
-    return list(sys.argv)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mauctl.config import NOT_IN_DIGEST, NOT_IN_DIGEST_SECTIONS, read_toml
+from mauctl import files
 from mauctl.engine import checkpoint
 from mauctl.errors import RunError, UsageError
 
@@ -68,14 +69,9 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return self.last.exists() or bool(checkpoint.kept_checkpoints(self.path))
 
-    def write_text(self, path: Path, text: str) -> None:
-        """Replace a small file whole (a reader sees the old or the new text, never a mix)."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-
     def write_json(self, path: Path, data: dict[str, Any]) -> None:
-        self.write_text(path, json.dumps(data, indent=2) + "\n")
+        """Replace a small file whole (a reader sees the old or the new text, never a mix)."""
+        files.write_text_atomically(path, json.dumps(data, indent=2) + "\n")
 
     def read_json(self, name: str) -> dict[str, Any]:
         """A JSON file of the run, or {} when it is missing or unreadable."""

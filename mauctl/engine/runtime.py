@@ -43,10 +43,6 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's rows, in rank order (no gradient)."""
         if not self.distributed:
@@ -127,10 +123,6 @@ class StopFlag:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.signum = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
