@@ -1,7 +1,7 @@
 """`mauctl bench`: how fast this machine runs a pretraining config, and where the time goes.
 
 Three measurements, in one process on one device, with the training code itself (``pretrain.Training``
-and ``pretrain.TrainData``), never a copy of it:
+and ``data.pipeline.TrainData``), never a copy of it:
 
 * data only: the loader's batches, moved to the device and augmented (the tensor pipeline's batched
   ops run there), no model;
@@ -23,7 +23,6 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -98,7 +97,8 @@ def forever(make: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
 def run_bench(cfg: PretrainConfig, rt: Runtime, index: FolderIndex | None, steps: int,
               pipelines: list[str]) -> dict[str, Any]:
     """Every measurement for ``cfg`` on ``rt``'s device; the data ones only when ``index`` is given."""
-    from mauctl.pretrain import Training, TrainData
+    from mauctl.data.pipeline import TrainData
+    from mauctl.pretrain import Training
 
     per_step = cfg.optim.batch_size
     training = Training(cfg, rt)

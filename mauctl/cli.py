@@ -146,10 +146,10 @@ def _cell_text(cell: Any) -> str:
 
 
 def _launch(job: Any) -> None:
-    """Run a prepared job through the launcher and leave with its exit status."""
-    from mauctl.launch import execute
+    """Run a prepared job (here, or through the launcher) and leave with its exit status."""
+    from mauctl.worker import start
 
-    code = execute(job.spec(), job.plan, job.config.launch, job.run_action)
+    code = start(job)
     if code == EXIT_STOPPED:
         err.print(f"stopped; resume with the same command (exit status {EXIT_STOPPED})", highlight=False)
     raise typer.Exit(code)
@@ -419,7 +419,7 @@ def bench(
                   "tensor pipeline (right), the same random choices column by column", highlight=False)
         return
     from mauctl.engine import runtime
-    from mauctl.pretrain import pipeline_for
+    from mauctl.data.pipeline import pipeline_for
 
     rt = runtime.start(job.config.run.device, job.config.run.precision)
     try:

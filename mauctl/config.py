@@ -337,6 +337,7 @@ class Layer:
 class Resolved:
     config: AnyConfig
     origin: dict[str, str] = field(default_factory=dict)  # "section.key" -> label of the layer that set it
+    preset: str | None = None  # --preset, or the [preset] base of a --config file written by mauctl
 
 
 def known_keys(schema: type[BaseModel]) -> dict[str, list[str]]:
@@ -489,9 +490,16 @@ def env_layer(schema: type[BaseModel], environ: Mapping[str, str] | None = None)
 # ---------------------------------------------------------------- TOML output
 
 
-def to_toml(config: BaseModel, header: str = "") -> str:
-    """The config as TOML that `read_toml` + `resolve` turn back into the identical config."""
+def to_toml(config: BaseModel, header: str = "", preset: str | None = None) -> str:
+    """The config as TOML that `read_toml` + `resolve` turn back into the identical config.
+
+    ``preset``: the preset it started from, written as ``[preset] base`` so that a run of this file
+    says which preset it is (the values below are complete without it).
+    """
     lines = [f"# {line}" for line in header.splitlines()]
+    if preset:
+        command = "pretrain" if isinstance(config, PretrainConfig) else "lincls"
+        lines += ["", "[preset]", f"command = {_toml_value(command)}", f"base = {_toml_value(preset)}"]
     for section, model in config:
         lines += ["", f"[{section}]"]
         for key, value in model:
@@ -561,9 +569,11 @@ def load_config(
                              hint=f"{command} presets: " + ", ".join(_presets_for(command)) + ".")
         layers.append(Layer(f"preset {preset} ({p.path})", p.values))
         names.append(preset)
+    base = None
     if config_file is not None:
         data = read_toml(config_file)
         declared = "command" in data.get("preset", {})
+        base = data.get("preset", {}).pop("base", None)
         p = presets.preset_from_toml(data, config_file)
         if declared and p.command != command:
             raise UsageError(f"{config_file} is a {p.command} config, not a {command} one")
@@ -583,6 +593,7 @@ def load_config(
         layers.append(Layer("command-line flags", cli))
     layers += [parse_set(s, schema) for s in sets]
     resolved = resolve(schema, layers)
+    resolved.preset = preset or (str(base) if base else None)
     config = resolved.config
     if command == "pretrain" and not config.run.out:
         name = names[-1] if names else "custom"

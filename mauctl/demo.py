@@ -23,8 +23,8 @@ from mauctl.backbone import build_encoder
 from mauctl.engine.progress import read_metrics
 from mauctl.engine.rundir import RunDir
 from mauctl.errors import EXIT_STOPPED, RunError, UsageError
-from mauctl.launch import execute
 from mauctl.prepare import prepare_lincls, prepare_pretrain
+from mauctl.worker import start
 
 
 class Stopped(Exception):
@@ -56,7 +56,7 @@ class Demo:
         return result
 
     def launch(self, job) -> None:
-        code = execute(job.spec(), job.plan, job.config.launch, job.run_action)
+        code = start(job)
         if code == EXIT_STOPPED:
             raise Stopped()
         if code:

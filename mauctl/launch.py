@@ -12,8 +12,6 @@ from pathlib import Path
 from mauctl.config import LaunchConfig, OptimConfig, RunConfig
 from mauctl.errors import EXIT_STOPPED, RunError, UsageError
 
-BN_GROUP = 32  # images per BatchNorm group: the reference's per-GPU batch (256 over 8 GPUs, 128 over 4)
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -75,21 +73,6 @@ def _visible_gpus() -> int:
     import torch
 
     return torch.cuda.device_count()
-
-
-def bn_splits(requested: int, per_process_batch: int) -> int:
-    """BatchNorm groups per process: ``requested``, or (0 = auto) groups of about BN_GROUP images."""
-    if requested:
-        if per_process_batch % requested:
-            raise UsageError(
-                f"model.bn_splits = {requested} does not divide the per-process batch {per_process_batch}",
-                hint="Use a divisor of the per-process batch, or 0 for automatic.",
-            )
-        return requested
-    splits = max(1, per_process_batch // BN_GROUP)
-    while per_process_batch % splits:
-        splits -= 1
-    return splits
 
 
 # ---------------------------------------------------------------- starting the workers through torchrun
@@ -170,32 +153,18 @@ class WorkersStopped(Exception):
     """The launcher itself got a stop signal; the workers were asked to save and stop."""
 
 
-def execute(job: dict, plan: Plan, launch: LaunchConfig, run_action: str) -> int:
-    """Run a prepared job: as this very process under an outside torchrun/srun, else through torchrun.
+def launch(job: dict, plan: Plan, launch: LaunchConfig) -> int:
+    """Run a prepared job on workers that torchrun starts here; the exit status from the run's status.
 
-    Returns the exit status: 0 finished, EXIT_STOPPED stopped by a signal (checkpoint saved), 1 failed.
+    0 finished, EXIT_STOPPED stopped by a signal (checkpoint saved); RunError when it failed.
     """
-    from mauctl.engine.rundir import RunDir, move_aside
+    from mauctl.engine.rundir import RunDir
 
-    run = RunDir(Path(job["config"]["run"]["out"]))
-    if run_action == "replace":
-        moved = move_aside(run.path)
-        print(f"moved the previous run in {run.path} to {moved}")
-    status = run.read_status()
-    epochs = job["config"]["optim"]["epochs"]
-    if (run_action == "resume" and plan.nnodes == 1 and not plan.inside_worker
-            and status.get("state") == "finished" and status.get("epoch", 0) >= epochs):
-        print(f"{run.path} has already finished its {epochs} epochs; nothing to do (--epochs N trains longer)")
-        return 0
-    if plan.inside_worker:
-        from mauctl.worker import run_job
-
-        return run_job(job)
     try:
         start_workers({**job, "launched_by_mauctl": True, "launcher_pid": os.getpid()}, plan, launch)
     except WorkersStopped as exc:
         print(f"{exc.args[0]} received: the workers saved a checkpoint and stopped")
-    status = run.read_status()
+    status = RunDir(Path(job["config"]["run"]["out"])).read_status()
     if status.get("state") == "finished":
         return 0
     if status.get("state") == "stopped":

@@ -20,7 +20,25 @@ import torch.nn.functional as F
 
 from mauctl.backbone import build_encoder, split_batchnorm
 from mauctl.config import LossConfig, ModelConfig
+from mauctl.errors import UsageError
 from mauctl.losses import align_loss, contrastive_loss, topk_accuracy, uniform_loss
+
+BN_GROUP = 32  # images per BatchNorm group: the reference's per-GPU batch (256 over 8 GPUs, 128 over 4)
+
+
+def bn_splits(requested: int, per_process_batch: int) -> int:
+    """BatchNorm groups per process: ``requested``, or (0 = auto) groups of about BN_GROUP images."""
+    if requested:
+        if per_process_batch % requested:
+            raise UsageError(
+                f"model.bn_splits = {requested} does not divide the per-process batch {per_process_batch}",
+                hint="Use a divisor of the per-process batch, or 0 for automatic.",
+            )
+        return requested
+    splits = max(1, per_process_batch // BN_GROUP)
+    while per_process_batch % splits:
+        splits -= 1
+    return splits
 
 
 class MoCo(nn.Module):
@@ -48,6 +66,12 @@ class KeyQueue(nn.Module):
         super().__init__()
         self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
         self.ptr = 0  # a Python int: no device sync to read it
+
+    def get_extra_state(self) -> int:  # the pointer goes into state_dict() beside the keys
+        return self.ptr
+
+    def set_extra_state(self, ptr: int) -> None:
+        self.ptr = int(ptr)
 
     @torch.no_grad()
     def push(self, keys: torch.Tensor) -> None:

@@ -27,8 +27,10 @@ from mauctl.engine.rundir import MIN_FREE_BYTES, RunDir, check_before_launch, ch
 from mauctl.engine.runtime import restarted
 from mauctl.engine.schedule import describe_schedule
 from mauctl.errors import UsageError
-from mauctl.launch import Plan, bn_splits, in_worker, make_plan
-from mauctl.weights import LINCLS_FORMAT, PRETRAIN_FORMAT, Encoder, check_resume_file, read_encoder
+from mauctl.launch import Plan, in_worker, make_plan
+from mauctl.moco import bn_splits
+from mauctl.engine.checkpoint import LINCLS_FORMAT, PRETRAIN_FORMAT
+from mauctl.weights import Encoder, check_resume_file, read_encoder
 
 
 @dataclass
@@ -84,11 +86,11 @@ def prepare_pretrain(
     if train is not None:
         check_splits(train, scan_split_if_present(data_root(config.data), "val"), "pretrain")
         _check_one_batch(train, config.optim.batch_size, "Lower --batch-size (and model.queue_size, a multiple of it)")
-    job = Job(resolved, plan, splits, train, preset, loss_name(config.loss))
+    job = Job(resolved, plan, splits, train, resolved.preset, loss_name(config.loss))
     if owns_run_dir(config, environ):
         need = max(MIN_FREE_BYTES, int(1.1 * checkpoint_bytes(config)))
         job.run_action = _check_run_dir(config, overwrite, need)
-        check_resume_file(config.run.resume, PRETRAIN_FORMAT, "pretraining")
+        check_resume_file(config.run.resume, PRETRAIN_FORMAT)
     elif overwrite:
         raise UsageError("--overwrite is only honoured on node 0 (launch.node_rank = 0)")
     return job
@@ -195,13 +197,13 @@ def dry_run_text(job: Job) -> str:
     action = {"new": "a new run", "resume": "would resume from its last checkpoint",
               "replace": "would start over, moving the old run aside"}[job.run_action]
     lines.append(f"run directory: {c.run.out} ({action})")
-    return to_toml(c, "\n".join(lines))
+    return to_toml(c, "\n".join(lines), preset=job.preset)
 
 
 def describe_speed(c: PretrainConfig, device_type: str) -> str:
     """What the "auto" speed switches become on ``device_type`` (the same rules as the workers')."""
     from mauctl.engine.runtime import precision_name, resolve_auto, resolve_dtype
-    from mauctl.pretrain import pipeline_for
+    from mauctl.data.pipeline import pipeline_for
 
     device = torch.device(device_type)
     precision = precision_name(resolve_dtype(c.run.precision, device))
@@ -293,7 +295,7 @@ class LinclsJob:
     def spec(self) -> dict[str, Any]:
         return {"command": "lincls", "config": self.config.model_dump(),
                 "meta": {"source": str(self.encoder.path), "data_root": str(self.data_root), "name": self.name,
-                         "evaluate": self.evaluate}}
+                         "evaluate": self.evaluate, "preset": self.resolved.preset}}
 
 
 def prepare_lincls(
@@ -357,7 +359,7 @@ def prepare_lincls(
     job = LinclsJob(resolved, plan, enc, root, train, val, name, evaluate)
     if not evaluate and owns_run_dir(config, environ):
         job.run_action = _check_run_dir(config, overwrite)
-        check_resume_file(config.run.resume, LINCLS_FORMAT, "linear-probe")
+        check_resume_file(config.run.resume, LINCLS_FORMAT)
     return job
 
 
@@ -374,7 +376,7 @@ def lincls_dry_run_text(job: LinclsJob) -> str:
         f"checkpoints: {describe_probe_checkpoints(job.config)}",
         f"output: {job.config.run.out}",
     ])
-    return to_toml(job.config, header)
+    return to_toml(job.config, header, preset=job.resolved.preset)
 
 
 def describe_probe(c: LinclsConfig, train_images: int) -> str:

@@ -15,143 +15,92 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from mauctl.config import PretrainConfig
-from mauctl.data.augment import TwoViews, pretrain_view
 from mauctl.data.folder import FolderIndex, data_root, scan_split, scan_split_if_present
-from mauctl.data.loader import BadImages, EpochSampler, SeededImages, make_loader
+from mauctl.data.loader import BadImages
+from mauctl.data.pipeline import TrainData
 from mauctl.diagnostics import Monitor, held_out
-from mauctl.engine import checkpoint, faults
-from mauctl.engine.loop import (
-    GRAD_NORM,
-    Interval,
-    SaveClock,
-    accumulate,
-    announce_stop,
-    check_finite,
-    epoch_means,
-    grad_norm,
-    resume_checkpoint,
-    save_on_main,
-    start_epoch,
-    start_run,
-)
+from mauctl.engine import faults
+from mauctl.engine.checkpoint import PRETRAIN_FORMAT, Checkpointer, TrainState
+from mauctl.engine.loop import GRAD_NORM, StepLog, grad_norm, start_epoch, start_run, stopped
 from mauctl.engine.progress import Reporter, format_values
 from mauctl.engine.rundir import RunDir
-from mauctl.engine.runtime import Runtime, derive_seed, precision_name, resolve_auto, rng_state, seed_everything
-from mauctl.errors import RunError
-from mauctl.launch import bn_splits
-from mauctl.moco import MoCo, moco_losses, shuffled_keys
+from mauctl.engine.runtime import Runtime, derive_seed, precision_name, resolve_auto, seed_everything
+from mauctl.moco import MoCo, bn_splits, moco_losses, shuffled_keys
+from mauctl.text import plural
 
-FORMAT = "mauctl.pretrain/1"
-TENSOR_ON_CPU_UP_TO = 64  # px: data.pipeline = "auto" picks the tensor pipeline on a CPU up to this size
-TERMS = ("loss", "contr", "align", "unif", "acc1", "acc5", GRAD_NORM)
+TERMS = ("loss", "contr", "align", "unif", "acc1", "acc5", GRAD_NORM)  # what a step logs
 
 
 def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
     """Train; return "finished", or "stopped" when a stop signal arrived (after saving)."""
     cfg, rt = config, runtime
-    run_dir = RunDir(Path(cfg.run.out))
+    run_dir, state = RunDir(Path(cfg.run.out)), TrainState()
     index = scan_split(data_root(cfg.data), "train")
-    per_rank = cfg.optim.batch_size // rt.world_size
     training = Training(cfg, rt)
-    model, optimizer, scaler, splits = training.model, training.optimizer, training.scaler, training.splits
-
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "sums": {}, "count": 0}
-    resumed_from = _resume(cfg, rt, run_dir, model, optimizer, scaler, state)
-
+    checkpoints = Checkpointer(run_dir, rt, PRETRAIN_FORMAT, cfg, training.parts(), training.facts(),
+                               save_every=cfg.run.save_every, save_minutes=cfg.run.save_minutes)
+    resumed_from = checkpoints.resume(state, cfg.run.resume)
     data = TrainData(cfg, rt, index)
-    log = start_run(run_dir, cfg, rt, meta, index, "pretrain", resumed_from, state, per_rank=per_rank,
-                    bn_splits=splits, pipeline=data.pipeline, compile=training.compiled,
-                    channels_last=training.channels_last)
-    reporter = Reporter(rt.is_main, "pretrain", log)
-    reporter.line(
-        f"pretrain: {len(index.samples)} images, {len(index.classes)} classes, world size {rt.world_size} on "
-        f"{rt.device.type}, batch {cfg.optim.batch_size} ({per_rank} per process, {splits} BN group(s)), "
-        f"{training.describe()}, {data.pipeline} data pipeline, run directory {run_dir.path}"
-        + (f", resuming from {resumed_from} at epoch {state['epoch'] + 1}" if resumed_from else "")
-    )
-
-    bad = BadImages(index.root, len(index.samples), cfg.data.max_bad_fraction, rt)
-    steps = data.steps
-    monitor, every = _monitor(cfg, rt, index, reporter)
-
-    def diagnose(epochs_done: int) -> dict[str, float]:
-        """The representation diagnostics after ``epochs_done`` epochs: logged, and returned for the epoch line."""
-        values = monitor.evaluate(model.encoder_q)
-        reporter.record({"kind": "eval", "epochs_done": epochs_done, "step": state["global_step"], **values,
-                         "eval_images": len(monitor.held.metric), "bank_images": len(monitor.held.bank),
-                         "eval_source": monitor.held.source})
-        return {k: v for k, v in values.items() if k != "eval_seconds"}
-
-    save_clock = SaveClock(cfg.run.save_minutes, rt)
-
-    def save(epoch: int, step_in_epoch: int) -> None:
-        def write() -> None:
-            _save(run_dir, cfg, rt, model, optimizer, scaler, state, epoch, step_in_epoch, splits)
-            if step_in_epoch == 0 and cfg.run.save_every and epoch % cfg.run.save_every == 0:
-                checkpoint.keep_copy(run_dir.last, run_dir.checkpoints / f"epoch_{epoch:04d}.pt")
-
-        save_on_main(rt, write)  # a failed write stops every rank together, the previous checkpoint kept
-        save_clock.reset()
-
+    log = start_run(run_dir, cfg, rt, meta, index, "pretrain", resumed_from, state, pipeline=data.pipeline,
+                    **training.effective())
+    reporter = Reporter(rt.is_main, "pretrain", log, cfg.optim.epochs)
+    steps = StepLog(reporter, state, rt, run_dir, cfg.run.print_freq, cfg.optim.batch_size,
+                    BadImages(index.root, len(index.samples), cfg.data.max_bad_fraction, rt))
+    diagnostics = Diagnostics(cfg, rt, index, reporter)
     try:
-        if monitor is not None and state["global_step"] == 0:
-            before = diagnose(0)
-            reporter.line(f"pretrain diagnostics before training: {format_values(before)}")
-        for epoch in range(state["epoch"], cfg.optim.epochs):
-            lr, first = start_epoch(optimizer, cfg.optim, state, epoch)
-            bad.reset()
-            reporter.start_epoch(epoch, cfg.optim.epochs, steps, first)
-            model.train()
-            interval = Interval()
-            epoch_clock = time.perf_counter()
-            for i, (x_q, x_k, skipped) in enumerate(data.batches(epoch, first), start=first):
-                if skipped:
-                    bad.add(skipped)  # undecodable images the loader replaced (host-side only)
-                shuffle = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "shuffle", epoch, i))
-                terms = training.step(x_q, x_k, shuffle, state["global_step"] + 1)
-                state["global_step"] += 1
-                interval.add({name: terms[name] for name in TERMS if name in terms})
-                done = i + 1
-                if done % cfg.run.print_freq == 0 or done == steps:
-                    values = interval.read()
-                    check_finite(values, epoch, done, run_dir if rt.is_main else None)
-                    bad.agree(run_dir if rt.is_main else None, epoch, done)
-                    accumulate(state, values, interval.count)
-                    ips = interval.count * cfg.optim.batch_size / max(interval.seconds(), 1e-9)
-                    record = {"kind": "step", "epoch": epoch, "step": state["global_step"], "step_in_epoch": done,
-                              "lr": lr, **values, "images_per_s": ips, **bad.shown()}
-                    reporter.step(record, {**values, "lr": lr, "img/s": round(ips), **bad.shown()}, steps)
-                    interval = Interval()
-                    if done < steps and save_clock.due():
-                        save(epoch, done)  # the sums so far are in state: a resume goes on from here
+        reporter.line(_first_line(cfg, rt, index, training, data, run_dir, resumed_from, state))
+        if state.global_step == 0:
+            diagnostics.before_training(training.model.encoder_q)
+        for epoch in range(state.epoch, cfg.optim.epochs):
+            lr, first = start_epoch(training.optimizer, cfg.optim, state, epoch)
+            steps.start_epoch(epoch, cfg.optim.epochs, data.steps, first, lr)
+            training.model.train()
+            clock = time.perf_counter()
+            for x_q, x_k, skipped in data.batches(epoch, first):
+                shuffle = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "shuffle", epoch, state.step_in_epoch))
+                terms = training.step(x_q, x_k, shuffle, state.global_step + 1)
+                if steps.add({name: terms[name] for name in TERMS if name in terms}, skipped) \
+                        and state.step_in_epoch < data.steps:
+                    checkpoints.save_if_due(state)  # the sums so far are in state: a resume goes on from here
                 signum = rt.agreed_stop()
-                if signum and done < steps:
-                    values = interval.read() if interval.count else {}
-                    check_finite(values, epoch, done, run_dir if rt.is_main else None)
-                    accumulate(state, values, interval.count)
-                    save(epoch, done)
-                    announce_stop(reporter, run_dir, rt.is_main, "pretrain", signum, epoch, done)
-                    return "stopped"
-
-            means = epoch_means(state)
-            seconds = time.perf_counter() - epoch_clock
-            record = {"kind": "epoch", "epoch": epoch, "step": state["global_step"], "lr": lr, **means,
-                      "images_per_s": (steps - first) * cfg.optim.batch_size / max(seconds, 1e-9), "seconds": seconds,
-                      "bad_images": bad.count}
-            save(epoch + 1, 0)
-            last = epoch + 1 == cfg.optim.epochs
-            diagnostics = diagnose(epoch + 1) if monitor is not None and ((epoch + 1) % every == 0 or last) else {}
-            reporter.end_epoch(record, {**means, **diagnostics, "lr": lr, **bad.shown()})
+                if signum and state.step_in_epoch < data.steps:
+                    steps.flush()
+                    checkpoints.stopping(state)
+                    return stopped(reporter, run_dir, rt, "pretrain", signum, state)
+            state.finish_epoch()
+            seconds = time.perf_counter() - clock
+            checkpoints.end_epoch(state)
+            shown = diagnostics.after_epoch(training.model.encoder_q, state, cfg.optim.epochs)
+            reporter.end_epoch(*_epoch_record(cfg, state, lr, data.steps - first, seconds, steps.bad, shown))
             signum = rt.agreed_stop()
-            if signum and epoch + 1 < cfg.optim.epochs:
-                announce_stop(reporter, run_dir, rt.is_main, "pretrain", signum, epoch + 1, 0)
-                return "stopped"
+            if signum and state.epoch < cfg.optim.epochs:
+                return stopped(reporter, run_dir, rt, "pretrain", signum, state)
         if rt.is_main:
-            run_dir.set_status("finished", epoch=cfg.optim.epochs, step_in_epoch=0, global_step=state["global_step"])
-        reporter.line(f"pretrain finished: {cfg.optim.epochs} epochs; checkpoint {run_dir.last}")
+            run_dir.set_status("finished", epoch=cfg.optim.epochs, step_in_epoch=0, global_step=state.global_step)
+        reporter.line(f"pretrain finished: {plural(cfg.optim.epochs, 'epoch')}; checkpoint {run_dir.last}")
         return "finished"
     finally:
         reporter.close()
+
+
+def _first_line(cfg: PretrainConfig, rt: Runtime, index: FolderIndex, training: Training, data: TrainData,
+                run_dir: RunDir, resumed_from: Path | None, state: TrainState) -> str:
+    per_rank = cfg.optim.batch_size // rt.world_size
+    return (f"pretrain: {plural(len(index.samples), 'image')}, {plural(len(index.classes), 'class', 'classes')}, "
+            f"world size {rt.world_size} on {rt.device.type}, batch {cfg.optim.batch_size} ({per_rank} per process, "
+            f"{plural(training.splits, 'BN group')}), {training.describe()}, {data.pipeline} data pipeline, "
+            f"run directory {run_dir.path}"
+            + (f", resuming from {resumed_from} at epoch {state.epoch + 1}" if resumed_from else ""))
+
+
+def _epoch_record(cfg: PretrainConfig, state: TrainState, lr: float, steps_run: int, seconds: float,
+                  bad: BadImages, diagnostics: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The epoch's record for metrics.jsonl and what its line shows."""
+    means = state.means()
+    record = {"kind": "epoch", "epoch": state.epoch - 1, "step": state.global_step, "lr": lr, **means,
+              "images_per_s": steps_run * cfg.optim.batch_size / max(seconds, 1e-9), "seconds": seconds,
+              "bad_images": bad.count}
+    return record, {**means, **diagnostics, "lr": lr, **bad.shown()}
 
 
 class Training:
@@ -182,8 +131,23 @@ class Training:
                                          weight_decay=cfg.optim.weight_decay, **fast)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
+    def parts(self) -> dict[str, Any]:
+        """What a checkpoint saves and a resume restores (engine/checkpoint.py lists the layout)."""
+        return {"encoder_q": self.model.encoder_q, "encoder_k": self.model.encoder_k, "queue": self.model.queue,
+                "optimizer": self.optimizer, "scaler": self.scaler}
+
+    def facts(self) -> dict[str, Any]:
+        """What a checkpoint records for its readers: the architecture and how the batch was split."""
+        return {"arch": self.cfg.model.arch, "world_size": self.rt.world_size, "bn_splits": self.splits}
+
+    def effective(self) -> dict[str, Any]:
+        """The settings this run resolved ("auto" and batch splits), for the manifest."""
+        return {"per_rank": self.cfg.optim.batch_size // self.rt.world_size, "bn_splits": self.splits,
+                "compile": self.compiled, "channels_last": self.channels_last}
+
     def describe(self) -> str:
-        return ", ".join([precision_name(self.rt.dtype)] + ["channels_last"] * self.channels_last + ["compiled"] * self.compiled)
+        return ", ".join([precision_name(self.rt.dtype)] + ["channels_last"] * self.channels_last
+                         + ["compiled"] * self.compiled)
 
     def step(self, x_q: torch.Tensor, x_k: torch.Tensor, shuffle: torch.Generator,
              global_step: int) -> dict[str, torch.Tensor]:
@@ -211,126 +175,37 @@ class Training:
         return terms
 
 
-class TrainData:
-    """One rank's training batches on its device: (query views, key views, skipped bad images).
+class Diagnostics:
+    """The representation diagnostics (diagnostics.py) of a run: before training, every eval.every
+    epochs and after the last one; recorded in metrics.jsonl and returned for the epoch's line."""
 
-    data.pipeline "pil": augment.py's PIL recipe in the loader workers (the reference). "tensor":
-    the workers decode and crop, the colour / blur / flip ops run on whole batches on the device
-    (data.batch_augment; the same random choices as the PIL recipe). "auto": tensor on CUDA, and on a CPU
-    for images up to 64 px; PIL otherwise.
-    """
+    def __init__(self, cfg: PretrainConfig, rt: Runtime, train: FolderIndex, reporter: Reporter) -> None:
+        self.reporter, self.every, self.monitor = reporter, cfg.eval.every_for(len(train.samples)), None
+        if self.every == 0:
+            return
+        val = scan_split_if_present(data_root(cfg.data), "val")
+        held = held_out(train, val, cfg.eval.images, cfg.eval.bank_images, cfg.run.seed)
+        if len(held.metric) < 2:
+            reporter.line(f"pretrain: no representation diagnostics: {plural(len(held.metric), 'held-out image')} "
+                          f"from {held.source}/, at least 2 are needed (add a val/ folder, or set eval.every = 0)")
+            return
+        self.monitor = Monitor(held, cfg.data.aug, cfg.data.image_size, cfg.run.seed, cfg.data.workers,
+                               cfg.optim.batch_size // rt.world_size, rt, cfg.model.dim,
+                               knn=cfg.eval.bank_images > 0, k=cfg.eval.knn_k, tau=cfg.eval.knn_t)
 
-    def __init__(self, cfg: PretrainConfig, rt: Runtime, index: FolderIndex, pipeline: str | None = None) -> None:
-        self.rt = rt
-        self.pipeline = pipeline or pipeline_for(cfg, rt.device.type)
-        self.sampler = EpochSampler(len(index.samples), cfg.optim.batch_size, rt.rank, rt.world_size, cfg.run.seed)
-        pin = rt.device.type == "cuda"
-        if self.pipeline == "pil":
-            views = TwoViews(pretrain_view(cfg.data.aug, cfg.data.image_size))
-            self.loader = make_loader(SeededImages(index.samples, views, report_skipped=True), self.sampler,
-                                      cfg.data.workers, pin_memory=pin)
-        else:
-            from mauctl.data.batch_augment import BatchAugment, make_tensor_loader
+    def before_training(self, encoder: torch.nn.Module) -> None:
+        if self.monitor is not None:
+            values = self._measure(encoder, 0, 0)
+            self.reporter.line(f"pretrain diagnostics before training: {format_values(values)}")
 
-            self.gpu_decode = cfg.data.gpu_decode and rt.device.type == "cuda"
-            self.loader = make_tensor_loader(index.samples, cfg.data.aug, cfg.data.image_size, self.sampler,
-                                             cfg.data.workers, pin, decode_on="cuda" if self.gpu_decode else "cpu")
-            self.augment = BatchAugment(cfg.data.aug, cfg.data.image_size)
+    def after_epoch(self, encoder: torch.nn.Module, state: TrainState, epochs: int) -> dict[str, float]:
+        due = self.monitor is not None and (state.epoch % self.every == 0 or state.epoch == epochs)
+        return self._measure(encoder, state.epoch, state.global_step) if due else {}
 
-    @property
-    def steps(self) -> int:
-        return self.sampler.steps
-
-    def batches(self, epoch: int, first: int = 0):
-        """The batches of ``epoch`` from step ``first`` on."""
-        self.sampler.set_epoch(epoch, first)
-        device = self.rt.device
-        for batch in self.loader:
-            if self.pipeline == "pil":
-                (x_q, x_k), _, skipped = batch
-                yield x_q.to(device, non_blocking=True), x_k.to(device, non_blocking=True), skipped
-            else:
-                views, params, _, skipped = batch
-                x_q, x_k = self.augment.two_views(views.to(device, non_blocking=True),
-                                                  params.to(device, non_blocking=True))
-                yield x_q, x_k, skipped
-
-    def close(self) -> None:
-        """Stop the loader's worker processes now (they are kept between epochs)."""
-        iterator = getattr(self.loader, "_iterator", None)
-        if iterator is not None:
-            iterator._shutdown_workers()
-
-
-def pipeline_for(cfg: PretrainConfig, device_type: str) -> str:
-    """data.pipeline, with "auto" resolved to the faster one (`mauctl bench --compare-pil` measures both)."""
-    if cfg.data.pipeline != "auto":
-        return cfg.data.pipeline
-    # On a CPU the batched ops share the cores with the model: measured 3x faster per worker than
-    # PIL at 16-32 px, about as fast at 224 px (README, Speed).
-    small = cfg.data.image_size <= TENSOR_ON_CPU_UP_TO
-    return "tensor" if device_type == "cuda" or small else "pil"
-
-
-def _monitor(cfg: PretrainConfig, rt: Runtime, train, reporter: Reporter) -> tuple[Monitor | None, int]:
-    """The diagnostics monitor and how often it runs (None, 0 when eval.every = 0)."""
-    every = cfg.eval.every_for(len(train.samples))
-    if every == 0:
-        return None, 0
-    val = scan_split_if_present(data_root(cfg.data), "val")
-    held = held_out(train, val, cfg.eval.images, cfg.eval.bank_images, cfg.run.seed)
-    if len(held.metric) < 2:
-        reporter.line(f"pretrain: no representation diagnostics: {len(held.metric)} held-out image(s) from "
-                      f"{held.source}/, at least 2 are needed (add a val/ folder, or set eval.every = 0)")
-        return None, 0
-    monitor = Monitor(held, cfg.data.aug, cfg.data.image_size, cfg.run.seed, cfg.data.workers,
-                      cfg.optim.batch_size // rt.world_size, rt, cfg.model.dim, knn=cfg.eval.bank_images > 0,
-                      k=cfg.eval.knn_k, tau=cfg.eval.knn_t)
-    return monitor, every
-
-
-def _save(run_dir: RunDir, cfg: PretrainConfig, rt: Runtime, model: MoCo, optimizer, scaler,
-          state: dict[str, Any], epoch: int, step_in_epoch: int, splits: int) -> None:
-    checkpoint.save_atomic(
-        {
-            "format": FORMAT,
-            "arch": cfg.model.arch,
-            "epoch": epoch,  # epochs completed; training continues with this (0-based) epoch
-            "step_in_epoch": step_in_epoch,
-            "global_step": state["global_step"],
-            "epoch_sums": dict(state["sums"]),
-            "epoch_count": state["count"],
-            "encoder_q": model.encoder_q.state_dict(),
-            "encoder_k": model.encoder_k.state_dict(),
-            "queue": model.queue.keys.detach().cpu(),
-            "queue_ptr": model.queue.ptr,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rng_state(),
-            "config": cfg.model_dump(),
-            "world_size": rt.world_size,
-            "bn_splits": splits,
-        },
-        run_dir.last,
-    )
-
-
-def _resume(cfg: PretrainConfig, rt: Runtime, run_dir: RunDir, model: MoCo, optimizer, scaler,
-            state: dict[str, Any]) -> Path | None:
-    """Load the checkpoint rank 0 picks (every rank reads the same file: a shared run directory)."""
-    path, ckpt = resume_checkpoint(run_dir, cfg.run.resume, rt, FORMAT, "pretraining")
-    if path is None:
-        return None
-    try:
-        model.encoder_q.load_state_dict(ckpt["encoder_q"])
-        model.encoder_k.load_state_dict(ckpt["encoder_k"])
-        model.queue.keys.copy_(ckpt["queue"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise RunError(f"{path} does not fit this model (model.* settings differ?): {exc}") from None
-    model.queue.ptr = int(ckpt["queue_ptr"])
-    scaler.load_state_dict(ckpt["scaler"])
-    state.update(epoch=int(ckpt["epoch"]), step_in_epoch=int(ckpt["step_in_epoch"]),
-                 global_step=int(ckpt["global_step"]), sums=dict(ckpt.get("epoch_sums", {})),
-                 count=int(ckpt.get("epoch_count", 0)))
-    return path
+    def _measure(self, encoder: torch.nn.Module, epochs_done: int, step: int) -> dict[str, float]:
+        values = self.monitor.evaluate(encoder)
+        held = self.monitor.held
+        self.reporter.record({"kind": "eval", "epochs_done": epochs_done, "step": step, **values,
+                              "eval_images": len(held.metric), "bank_images": len(held.bank),
+                              "eval_source": held.source})
+        return {k: v for k, v in values.items() if k != "eval_seconds"}

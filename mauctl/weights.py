@@ -23,10 +23,10 @@ import torch.nn as nn
 from mauctl.backbone import build_encoder, last_linear, last_linear_path
 from mauctl.config import config_digest
 from mauctl.engine import checkpoint
+from mauctl.engine.checkpoint import LINCLS_FORMAT, PRETRAIN_FORMATS
+from mauctl.engine.rundir import RunDir
 from mauctl.errors import MauctlError, UsageError
 
-PRETRAIN_FORMAT = "mauctl.pretrain/1"
-LINCLS_FORMAT = "mauctl.lincls/1"
 EXPECTED = (
     "expected a mauctl run directory or checkpoint, an original MoCo checkpoint (a dict with 'arch' and a "
     "'state_dict' of 'module.encoder_q.*' keys), or a torchvision ResNet state dict (conv1.weight, bn1.*, "
@@ -113,7 +113,7 @@ def read_encoder(path: Path | str) -> Encoder:
         raise UsageError(exc.message, hint=exc.hint or EXPECTED + ".") from None
     fmt = obj.get("format")
     try:
-        if fmt == PRETRAIN_FORMAT:
+        if fmt in PRETRAIN_FORMATS:
             return _from_mauctl(obj, path)
         if fmt == LINCLS_FORMAT:
             return _from_lincls(obj, path)
@@ -128,7 +128,7 @@ def read_encoder(path: Path | str) -> Encoder:
     raise UsageError(f"{path}: not a checkpoint mauctl can read (its keys: {shown})", hint=EXPECTED + ".")
 
 
-def check_resume_file(resume: str, fmt: str, what: str) -> None:
+def check_resume_file(resume: str, fmt: str) -> None:
     """``run.resume`` = PATH must be a readable checkpoint of this kind, checked before any worker starts.
 
     Read with ``weights_only=True`` (and memory-mapped: no tensor is copied), so a file that would run
@@ -143,7 +143,8 @@ def check_resume_file(resume: str, fmt: str, what: str) -> None:
         obj = checkpoint.load(path, mmap=True)
     except MauctlError as exc:
         raise UsageError(f"--resume {resume}: {exc.message}", hint=exc.hint) from None
-    if obj.get("format") != fmt:
+    what = checkpoint.WHAT[fmt]
+    if checkpoint.upgrade(obj).get("format") != fmt:
         kind = obj.get("format") or ("an original MoCo checkpoint" if "state_dict" in obj else "no mauctl format")
         raise UsageError(f"--resume {resume} is not a mauctl {what} checkpoint ({kind})",
                          hint="--resume PATH continues a run from its own checkpoints/last.pt or epoch_NNNN.pt; "
@@ -151,7 +152,7 @@ def check_resume_file(resume: str, fmt: str, what: str) -> None:
 
 
 def _from_run_dir(run: Path) -> Encoder:
-    last = run / "checkpoints" / checkpoint.LAST
+    last = RunDir(run).last
     if not last.is_file():
         raise UsageError(f"{run} has no checkpoints/last.pt", hint="Pretrain first, or give a checkpoint file.")
     return read_encoder(last)

@@ -1,8 +1,9 @@
-"""What torchrun starts: ``python -m mauctl.worker``, one process per rank.
+"""A job's processes: where a prepared job runs, and what torchrun starts (``python -m mauctl.worker``).
 
-The launcher passes the job (command, resolved config, metadata) as JSON in $MAUCTL_JOB.
-When the user starts ``mauctl pretrain`` under their own torchrun or srun, the CLI calls
-``run_job`` directly in each process instead.
+``start`` runs a job that prepare.py resolved and checked: in this very process when it already
+is a worker of the user's own torchrun or srun (RANK and WORLD_SIZE set), else on the workers
+that mauctl's launcher (launch.py) starts, which pass the job (command, resolved config,
+metadata) as JSON in $MAUCTL_JOB to ``main``; either way ``run_job`` runs it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,27 @@ from rich.markup import escape
 
 from mauctl.engine.rundir import RunDir
 from mauctl.errors import EXIT_STOPPED, MauctlError
+from mauctl.text import plural
+
+
+def start(job: Any) -> int:
+    """Run a prepared job (prepare.Job or LinclsJob) to its end; the exit status (0, EXIT_STOPPED, 1)."""
+    from mauctl.engine.rundir import move_aside
+    from mauctl.launch import launch
+
+    spec, plan = job.spec(), job.plan
+    run = RunDir(Path(spec["config"]["run"]["out"]))
+    if job.run_action == "replace":
+        print(f"moved the previous run in {run.path} to {move_aside(run.path)}")
+    status, epochs = run.read_status(), spec["config"]["optim"]["epochs"]
+    if (job.run_action == "resume" and plan.nnodes == 1 and not plan.inside_worker
+            and status.get("state") == "finished" and status.get("epoch", 0) >= epochs):
+        print(f"{run.path} has already finished its {plural(epochs, 'epoch')}; nothing to do "
+              "(--epochs N trains longer)")
+        return 0
+    if plan.inside_worker:
+        return run_job(spec)
+    return launch(spec, plan, job.config.launch)
 
 
 def run_job(job: dict[str, Any]) -> int:

@@ -298,7 +298,7 @@ def no_launch(monkeypatch):
     def launch(*args, **kwargs):
         raise AssertionError("a worker was started")
 
-    monkeypatch.setattr("mauctl.launch.execute", launch)
+    monkeypatch.setattr("mauctl.worker.start", launch)
     monkeypatch.setitem(cli._debug, "on", False)
 
 

@@ -68,7 +68,7 @@ def in_workspace(workspace, monkeypatch):
     def launch(*args, **kwargs):
         raise AssertionError("a worker was about to start")
 
-    monkeypatch.setattr("mauctl.launch.execute", launch)
+    monkeypatch.setattr("mauctl.worker.start", launch)
 
 
 def listing(root: Path) -> dict[str, int]:

@@ -19,7 +19,7 @@ from mauctl import cli
 from mauctl.cli import app
 from mauctl.config import OptimConfig, PretrainConfig, load_config
 from mauctl.errors import UsageError
-from mauctl.launch import bn_splits
+from mauctl.moco import bn_splits
 
 
 @pytest.fixture(autouse=True)

@@ -383,19 +383,19 @@ def test_a_save_that_fails_part_way_leaves_the_old_checkpoint_and_no_partial_fil
 
 def test_restarted_workers_resume_from_their_own_run_whatever_resume_says(tmp_path, monkeypatch):
     from mauctl.engine import checkpoint
-    from mauctl.engine.loop import resume_checkpoint
+    from mauctl.engine.checkpoint import PRETRAIN_FORMAT, resume_checkpoint
     from mauctl.engine.rundir import RunDir
     from mauctl.engine.runtime import Runtime
 
     run = RunDir(tmp_path / "run")
-    checkpoint.save_atomic({"format": "mauctl.pretrain/1", "epoch": 1}, run.last)
+    checkpoint.save_atomic({"format": PRETRAIN_FORMAT, "epoch": 1}, run.last)
     (run.checkpoints / ".last.pt.abcd1234.tmp").write_bytes(b"half a checkpoint")
     alone = Runtime(0, 1, 0, torch.device("cpu"), torch.float32, False)
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
-    assert resume_checkpoint(run, "none", alone, "mauctl.pretrain/1", "pretraining") == (None, None)
+    assert resume_checkpoint(run, "none", alone, PRETRAIN_FORMAT) == (None, None)
     assert [p.name for p in run.checkpoints.iterdir()] == ["last.pt"]  # the partial file is gone
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarted this worker group
-    path, ckpt = resume_checkpoint(run, "none", alone, "mauctl.pretrain/1", "pretraining")
+    path, ckpt = resume_checkpoint(run, "none", alone, PRETRAIN_FORMAT)
     assert path == run.last and ckpt["epoch"] == 1
 
 
@@ -419,18 +419,18 @@ def test_the_nan_hook_spoils_only_the_named_step_on_the_last_rank_and_the_check_
 
 
 def test_the_save_clock_is_due_once_its_minutes_have_passed_and_never_when_off():
-    from mauctl.engine import loop
+    from mauctl.engine.checkpoint import SaveClock
     from mauctl.engine.runtime import Runtime
 
     rt = Runtime(0, 1, 0, torch.device("cpu"), torch.float32, False)
     now = [1000.0]
-    clock = loop.SaveClock(0.5, rt, now=lambda: now[0])  # 30 s
+    clock = SaveClock(0.5, rt, now=lambda: now[0])  # 30 s
     now[0] += 29.9
     assert not clock.due()
     now[0] += 0.1
     assert clock.due() and clock.due()  # due until a write resets it
     clock.reset()
     assert not clock.due()
-    off = loop.SaveClock(0.0, rt, now=lambda: now[0])
+    off = SaveClock(0.0, rt, now=lambda: now[0])
     now[0] += 1e9
     assert not off.due()

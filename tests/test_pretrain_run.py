@@ -30,8 +30,8 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert a[part].keys() == b[part].keys()
         for name in a[part]:
             assert torch.equal(a[part][name], b[part][name]), f"{part}.{name} differs"
-    assert torch.equal(a["queue"], b["queue"])
-    assert a["queue_ptr"] == b["queue_ptr"]
+    assert torch.equal(a["queue"]["keys"], b["queue"]["keys"])
+    assert a["queue"]["_extra_state"] == b["queue"]["_extra_state"]
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert (a["epoch"], a["step_in_epoch"], a["global_step"]) == (b["epoch"], b["step_in_epoch"], b["global_step"])
@@ -61,12 +61,12 @@ def test_two_processes_train_and_fill_the_run_directory(tiny_images, tmp_path):
         assert r["loss"] == pytest.approx(2 * r["align"] + r["unif"], abs=1e-4)
 
     ckpt = load_ckpt(out / "checkpoints" / "last.pt")
-    assert {"encoder_q", "encoder_k", "queue", "queue_ptr", "optimizer", "scaler", "epoch", "global_step",
-            "rng", "config"} <= set(ckpt)
-    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 6
-    assert ckpt["queue"].shape == (64, 32)
-    assert ckpt["queue_ptr"] == (6 * 16) % 64
-    assert torch.allclose(ckpt["queue"].norm(dim=1), torch.ones(64), atol=1e-5)
+    assert {"format", "encoder_q", "encoder_k", "queue", "optimizer", "scaler", "epoch", "step_in_epoch",
+            "global_step", "epoch_sums", "epoch_count", "rng", "config", "arch", "world_size", "bn_splits"} == set(ckpt)
+    assert ckpt["format"] == "mauctl.pretrain/2" and ckpt["epoch"] == 2 and ckpt["global_step"] == 6
+    assert ckpt["queue"]["keys"].shape == (64, 32)
+    assert ckpt["queue"]["_extra_state"] == (6 * 16) % 64  # the write pointer
+    assert torch.allclose(ckpt["queue"]["keys"].norm(dim=1), torch.ones(64), atol=1e-5)
     assert ckpt["config"]["loss"]["align_w"] == 2.0
     assert (out / "checkpoints" / "epoch_0001.pt").exists() and (out / "checkpoints" / "epoch_0002.pt").exists()
 

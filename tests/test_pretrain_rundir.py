@@ -53,8 +53,8 @@ def test_overwrite_moves_the_old_run_aside_and_starts_over(tiny_images, finished
     assert result.returncode == 0, result.stdout + result.stderr
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     assert len(moved) == 1
-    assert torch.equal(last(moved[0])["queue"], old["queue"])  # the old run is intact
-    assert not torch.equal(last(run)["queue"], old["queue"])  # and this is a new one
+    assert torch.equal(last(moved[0])["queue"]["keys"], old["queue"]["keys"])  # the old run is intact
+    assert not torch.equal(last(run)["queue"]["keys"], old["queue"]["keys"])  # and this is a new one
 
 
 def test_a_different_config_in_the_same_directory_is_refused_but_more_epochs_resume(
@@ -148,4 +148,4 @@ def test_running_a_finished_run_again_does_nothing(tiny_images, finished_run, tm
     result = run_mauctl("pretrain", str(tiny_images), *TINY, "--epochs", "1", "--out", str(run), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "already finished" in result.stdout
-    assert torch.equal(last(run)["queue"], before["queue"])
+    assert torch.equal(last(run)["queue"]["keys"], before["queue"]["keys"])

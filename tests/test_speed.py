@@ -11,7 +11,8 @@ from PIL import Image
 from conftest import TINY, run_mauctl
 from mauctl.config import load_config
 from mauctl.engine import runtime
-from mauctl.pretrain import Training, TrainData
+from mauctl.data.pipeline import TrainData
+from mauctl.pretrain import Training
 from mauctl.data.folder import scan_split
 
 BENCH = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--set", "model.queue_size=64",

@@ -1,78 +1,56 @@
-"""What every training loop (pretrain, lincls) shares: starting the run files, running sums of
-the metrics without per-step host syncs, the non-finite check, and stopping on a signal."""
+"""What every training loop (pretrain, lincls) shares: the run files at the start, each epoch's LR,
+the logged terms summed without per-step host syncs, the non-finite check, and stopping on a signal."""
 
 from __future__ import annotations
 
 import math
 import signal
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from mauctl import files
 from mauctl.config import to_toml
+from mauctl.engine.checkpoint import TrainState
 from mauctl.engine.manifest import write_manifest
 from mauctl.engine.progress import MetricsLog, Reporter
-from mauctl.engine import checkpoint
-from mauctl.engine.rundir import RunDir, pick_checkpoint
-from mauctl.engine.runtime import restarted
+from mauctl.engine.rundir import RunDir
 from mauctl.engine.schedule import lr_at
 from mauctl.errors import RunError
 
+GRAD_NORM = "grad_norm"
+
 
 def start_run(run: RunDir, config: Any, runtime: Any, meta: dict[str, Any], index: Any, title: str,
-              resumed_from: Any, state: dict[str, Any], **effective: Any) -> MetricsLog | None:
+              resumed_from: Any, state: TrainState, **effective: Any) -> MetricsLog | None:
     """Rank 0: create the run directory, write config.toml, manifest.json, status, open metrics.jsonl."""
     if not runtime.is_main:
         return None
     try:
         run.path.mkdir(parents=True, exist_ok=True)
-        files.write_text_atomically(run.config, to_toml(config, f"Resolved by mauctl {title}; repeat the run with --config"))
+        files.write_text_atomically(run.config, to_toml(config, f"Resolved by mauctl {title}; repeat the run "
+                                                                 "with --config", preset=meta.get("preset")))
         write_manifest(run, config, runtime, {**meta, "command": title}, index, resumed_from=resumed_from,
                        **effective)
         log = MetricsLog(run.metrics, run.path / "tensorboard" if config.run.tensorboard else None)
         if resumed_from:
-            log.write({"kind": "resume", "from": str(resumed_from), "epoch": state["epoch"],
-                       "step_in_epoch": state["step_in_epoch"], "world_size": runtime.world_size})
-        run.set_status("running", epoch=state["epoch"], step_in_epoch=state["step_in_epoch"])
+            log.write({"kind": "resume", "from": str(resumed_from), "epoch": state.epoch,
+                       "step_in_epoch": state.step_in_epoch, "world_size": runtime.world_size})
+        run.set_status("running", epoch=state.epoch, step_in_epoch=state.step_in_epoch)
     except OSError as exc:
         raise RunError(f"cannot write the run directory {run.path}: {exc.strerror or exc}",
                        hint="Check its permissions and free space, then run the same command again.") from None
     return log
 
 
-def resume_checkpoint(run: RunDir, resume: str, runtime: Any, fmt: str, what: str) -> tuple[Any, dict | None]:
-    """(path, checkpoint) to resume from, or (None, None): rank 0 picks, every rank reads the same file.
-
-    Several nodes therefore need a shared run directory. A checkpoint of another format is refused.
-    When torchrun restarted the workers after a failure, they go on from this run's own newest
-    checkpoint, whatever ``resume`` says (a path, or "none", was meant for the first start).
-    """
-    path, ckpt, failure = None, None, None
-    if runtime.is_main:
-        if restarted() and run.has_checkpoint():
-            resume = "auto"
-        leftovers = checkpoint.remove_partial_files(run.checkpoints)
-        if leftovers:
-            print(f"removed {len(leftovers)} partial file(s) left in {run.checkpoints} by an interrupted save: "
-                  + ", ".join(p.name for p in leftovers))
-        try:
-            path, ckpt = pick_checkpoint(run, resume, log=print)
-        except RunError as exc:
-            failure = (exc.message, exc.hint)
-    path, failure = runtime.broadcast_object((str(path) if path else None, failure))
-    if failure:  # every rank stops with rank 0's reason, none waits for it
-        raise RunError(failure[0], hint=failure[1])
-    if path is None:
-        return None, None
-    if ckpt is None:
-        ckpt = checkpoint.load(Path(path))
-    if ckpt.get("format") != fmt:
-        raise RunError(f"{path} is not a mauctl {what} checkpoint (format {ckpt.get('format')!r})")
-    return Path(path), ckpt
+def start_epoch(optimizer: Any, optim: Any, state: TrainState, epoch: int) -> tuple[float, int]:
+    """Enter ``epoch`` with its LR; (lr, the step to start at: the saved one for the epoch resumed in, else 0)."""
+    lr = lr_at(optim, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr, state.start_epoch(epoch)
 
 
 class Interval:
@@ -83,7 +61,7 @@ class Interval:
         self.count = 0
         self.start = time.perf_counter()
 
-    def add(self, values: dict[str, torch.Tensor]) -> None:
+    def add(self, values: Mapping[str, torch.Tensor]) -> None:
         for name, value in values.items():
             value = value.detach()
             self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
@@ -98,29 +76,62 @@ class Interval:
         return time.perf_counter() - self.start
 
 
-def start_epoch(optimizer: Any, optim: Any, state: dict[str, Any], epoch: int) -> tuple[float, int]:
-    """Set the epoch's LR; (lr, the step to start at): the saved step for the epoch resumed in, else 0.
-
-    An epoch started from its first step starts its running sums afresh.
+class StepLog:
+    """One epoch's logging: the terms of each step summed on the device, and every ``print_freq`` steps
+    (and at the epoch's last) read once, checked for NaN/inf, added to the epoch's sums, recorded
+    in metrics.jsonl and shown. ``bad`` (BadImages) is agreed over the ranks at the same steps.
     """
-    lr = lr_at(optim, epoch)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    first = state["step_in_epoch"] if epoch == state["epoch"] else 0
-    if first == 0:
-        state["sums"], state["count"] = {}, 0
-    return lr, first
 
+    def __init__(self, reporter: Reporter, state: TrainState, runtime: Any, run: RunDir, print_freq: int,
+                 images_per_step: int, bad: Any = None) -> None:
+        self.reporter, self.state, self.rt, self.print_freq = reporter, state, runtime, print_freq
+        self.run = run if runtime.is_main else None  # whose status a failure sets
+        self.images_per_step, self.bad = images_per_step, bad
+        self.epoch, self.steps, self.lr = 0, 0, 0.0
+        self.interval = Interval()
 
-def accumulate(state: dict[str, Any], values: dict[str, float], count: int) -> None:
-    """Add an interval's means (over ``count`` steps) to the epoch's running sums in ``state``."""
-    for name, value in values.items():
-        state["sums"][name] = state["sums"].get(name, 0.0) + value * count
-    state["count"] += count
+    def start_epoch(self, epoch: int, epochs: int, steps: int, first: int, lr: float) -> None:
+        self.epoch, self.steps, self.lr = epoch, steps, lr
+        self.interval = Interval()
+        if self.bad is not None:
+            self.bad.reset()
+        self.reporter.start_epoch(epoch, epochs, steps, first)
 
+    def add(self, terms: Mapping[str, torch.Tensor], skipped: dict | None = None) -> bool:
+        """Count one more step with its terms (and the bad images its batch skipped); log it when due.
 
-def epoch_means(state: dict[str, Any]) -> dict[str, float]:
-    return {k: v / max(state["count"], 1) for k, v in state["sums"].items()}
+        Whether it logged: the steps where checkpoints may be written, the same on every rank.
+        """
+        state = self.state
+        state.step_in_epoch += 1
+        state.global_step += 1
+        self.interval.add(terms)
+        if skipped and self.bad is not None:
+            self.bad.add(skipped)  # undecodable images the loader replaced (host-side only)
+        step = state.step_in_epoch
+        if step % self.print_freq and step != self.steps:
+            return False
+        values = self.interval.read()
+        check_finite(values, self.epoch, step, self.run)
+        bad = {}
+        if self.bad is not None:
+            self.bad.agree(self.run, self.epoch, step)
+            bad = self.bad.shown()
+        state.accumulate(values, self.interval.count)
+        ips = self.interval.count * self.images_per_step / max(self.interval.seconds(), 1e-9)
+        self.reporter.step({"kind": "step", "epoch": self.epoch, "step": state.global_step, "step_in_epoch": step,
+                            "lr": self.lr, **values, "images_per_s": ips, **bad},
+                           {**values, "lr": self.lr, "img/s": round(ips), **bad})
+        self.interval = Interval()
+        return True
+
+    def flush(self) -> None:
+        """Before stopping within an interval: its steps go into the epoch's sums (checked, not shown)."""
+        if self.interval.count:
+            values = self.interval.read()
+            check_finite(values, self.epoch, self.state.step_in_epoch, self.run)
+            self.state.accumulate(values, self.interval.count)
+            self.interval = Interval()
 
 
 def check_finite(values: dict[str, float], epoch: int, step: int, run: RunDir | None) -> None:
@@ -143,9 +154,6 @@ def check_finite(values: dict[str, float], epoch: int, step: int, run: RunDir | 
     )
 
 
-GRAD_NORM = "grad_norm"
-
-
 def grad_norm(parameters: Any) -> torch.Tensor:
     """The L2 norm of all gradients as a device tensor (no host sync): NaN or inf if any gradient is."""
     grads = [p.grad for p in parameters if p.grad is not None]
@@ -156,40 +164,11 @@ def grad_norm(parameters: Any) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
-def save_on_main(runtime: Any, save: Any) -> None:
-    """Rank 0 runs ``save()``; every rank learns whether it worked, so all go on or all stop together."""
-    failure = None
-    if runtime.is_main:
-        try:
-            save()
-        except RunError as exc:
-            failure = (exc.message, exc.hint)
-    failure = runtime.broadcast_object(failure)
-    if failure:
-        raise RunError(failure[0], hint=failure[1])
-
-
-class SaveClock:
-    """When a checkpoint within an epoch is due (run.save_minutes): rank 0's clock, so every rank agrees.
-
-    Asked at logging steps, which are the same steps on every rank; ``reset`` after every write.
-    """
-
-    def __init__(self, minutes: float, runtime: Any, now: Callable[[], float] = time.monotonic) -> None:
-        self.seconds, self.runtime, self.now = minutes * 60.0, runtime, now
-        self.reset()
-
-    def reset(self) -> None:
-        self.last = self.now()
-
-    def due(self) -> bool:
-        return bool(self.seconds) and self.runtime.main_says(self.now() - self.last >= self.seconds)
-
-
-def announce_stop(reporter: Reporter, run: RunDir, is_main: bool, title: str, signum: int, epoch: int,
-                  step: int) -> None:
+def stopped(reporter: Reporter, run: RunDir, runtime: Any, title: str, signum: int, state: TrainState) -> str:
+    """Say that the run stopped on ``signum`` at ``state``'s position (checkpoint already written): "stopped"."""
     signame = signal.Signals(signum).name
-    if is_main:
-        run.set_status("stopped", epoch=epoch, step_in_epoch=step, signal=signame)
-    reporter.line(f"{title} stopped by {signame} at epoch {epoch + 1}, step {step}: checkpoint saved to "
-                  f"{run.last}; run the same command to resume")
+    if runtime.is_main:
+        run.set_status("stopped", epoch=state.epoch, step_in_epoch=state.step_in_epoch, signal=signame)
+    reporter.finish(f"{title} stopped by {signame} at epoch {state.epoch + 1}, step {state.step_in_epoch}: "
+                    f"checkpoint saved to {run.last}; run the same command to resume")
+    return "stopped"

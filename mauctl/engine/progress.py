@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Column
 
 
 class MetricsLog:
@@ -88,70 +89,121 @@ def _fmt(v: float) -> str:
     return f"{v:.4f}"
 
 
-class Reporter:
-    """Rank 0's view of training. Other ranks get a Reporter with ``enabled=False``: it does nothing."""
+def duration(seconds: float) -> str:
+    """``0:42``, ``12:05``, ``3:02:17``."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
-    def __init__(self, enabled: bool, title: str, log: MetricsLog | None) -> None:
-        self.enabled = enabled
-        self.title = title
-        self.log = log
+
+class Reporter:
+    """Rank 0's view of training: a bar per epoch on a terminal, plain lines elsewhere (pipes, SLURM logs),
+    both with epoch i/N, step s/S and the time left in the epoch and in the run; and metrics.jsonl.
+
+    On a terminal narrower than the line, the loss terms are cut, never the epoch, step or ETA.
+    Other ranks get a Reporter with ``enabled=False``: it does nothing.
+    """
+
+    BAR = 12  # characters of the bar
+
+    def __init__(self, enabled: bool, title: str, log: MetricsLog | None, epochs: int) -> None:
+        self.enabled, self.title, self.log, self.epochs = enabled, title, log, epochs
         self.interactive = enabled and sys.stdout.isatty()
         self.console = Console(soft_wrap=True)
         self._progress: Progress | None = None
         self._task = None
-        self._epoch_start = 0.0
+        self.epoch, self.steps, self.first = 0, 0, 0
+        self._epoch_start = self._step_clock = time.perf_counter()
+        self._epoch_seconds: float | None = None  # the last whole epoch, diagnostics and evaluation included
+        self._started = False
 
     def line(self, text: str) -> None:
         if self.enabled:
-            self.console.print(text, highlight=False, markup=False)
+            self.console.print(text, highlight=False, markup=False, crop=False)
+
+    def finish(self, text: str) -> None:
+        """The last line of a run (stopped, failed): the bar goes first, so it is not drawn again below."""
+        self._stop_bar()
+        self.line(text)
 
     def start_epoch(self, epoch: int, epochs: int, steps: int, first_step: int = 0) -> None:
-        self._epoch_start = time.perf_counter()
+        now = time.perf_counter()
+        if self._started and epoch == self.epoch + 1:
+            self._epoch_seconds = now - self._epoch_start
+        self._started = True
+        self.epoch, self.epochs, self.steps, self.first = epoch, epochs, steps, first_step
+        self._epoch_start = self._step_clock = now
         if not self.interactive:
             return
         self._progress = Progress(
-            TextColumn(f"[bold]{self.title}[/] epoch {epoch + 1}/{epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[values]}"),
-            console=self.console,
-            transient=False,
+            TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+            BarColumn(bar_width=self.BAR),
+            TextColumn("{task.fields[right]}", table_column=Column(no_wrap=True)),
+            console=self.console, transient=False, auto_refresh=False,
         )
         self._progress.start()
-        self._task = self._progress.add_task("epoch", total=steps, completed=first_step, values="")
+        self._task = self._progress.add_task(self._where(), total=steps, completed=first_step, right="")
+        self._draw(first_step, "")
+
+    def eta(self, done: int) -> tuple[float | None, float | None]:
+        """Seconds left in this epoch and in the run, from this epoch's pace (None before its first step)."""
+        if done <= self.first:
+            return None, None
+        per_step = (time.perf_counter() - self._step_clock) / (done - self.first)
+        epoch_left = (self.steps - done) * per_step
+        per_epoch = self._epoch_seconds if self._epoch_seconds is not None else self.steps * per_step
+        return epoch_left, epoch_left + (self.epochs - self.epoch - 1) * per_epoch
+
+    def _where(self) -> str:
+        return f"{self.title} epoch {self.epoch + 1}/{self.epochs}"
+
+    def _eta_text(self, done: int) -> str:
+        epoch_left, run_left = self.eta(done)
+        if epoch_left is None:
+            return "eta -"
+        return f"eta {duration(epoch_left)}, run {duration(run_left)}"
+
+    def _draw(self, done: int, values: str) -> None:
+        right = f"{done}/{self.steps} {self._eta_text(done)}"
+        room = self.console.width - len(self._where()) - self.BAR - len(right) - 4
+        if values and room > 1:
+            right += "  " + (values if len(values) <= room else values[: room - 1] + "…")
+        self._progress.update(self._task, completed=done, right=right)
+        self._progress.refresh()
 
     def record(self, record: dict[str, Any]) -> None:
         """Write a record to metrics.jsonl only (no line)."""
         if self.enabled and self.log is not None:
             self.log.write(record)
 
-    def step(self, record: dict[str, Any], shown: dict[str, float], steps: int) -> None:
+    def step(self, record: dict[str, Any], shown: dict[str, float]) -> None:
         if not self.enabled:
             return
         if self.log is not None:
             self.log.write(record)
-        text = format_values(shown)
+        done, text = record["step_in_epoch"], format_values(shown)
         if self._progress is not None:
-            self._progress.update(self._task, completed=record["step_in_epoch"], values=text)
+            self._draw(done, text)
         else:
-            self.line(f"{self.title} epoch {record['epoch'] + 1} step {record['step_in_epoch']}/{steps} {text}")
+            self.line(f"{self._where()} step {done}/{self.steps} ({self._eta_text(done)}): {text}")
 
     def end_epoch(self, record: dict[str, Any], shown: dict[str, float]) -> None:
         if not self.enabled:
             return
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        self._stop_bar()
         if self.log is not None:
             self.log.write(record)
             self.log.sync()
         seconds = time.perf_counter() - self._epoch_start
-        self.line(f"{self.title} epoch {record['epoch'] + 1} done in {seconds:.1f}s: {format_values(shown)}")
+        took = f"{seconds:.1f}s" if seconds < 60 else duration(seconds)
+        self.line(f"{self._where()} done in {took}: {format_values(shown)}")
 
-    def close(self) -> None:
+    def _stop_bar(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+            self._progress = None
+
+    def close(self) -> None:
+        self._stop_bar()
         if self.log is not None:
             self.log.close()

@@ -1,4 +1,4 @@
-"""The run directory: what it holds, when it may be reused, and which checkpoint a run resumes from.
+"""The run directory: what it holds, its status, and when it may be reused.
 
     <run>/config.toml       the resolved config (pass it back with --config to repeat the run)
     <run>/manifest.json     versions, world size, effective batch, dataset, git revision, starts
@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mauctl.config import NOT_IN_DIGEST, NOT_IN_DIGEST_SECTIONS, read_toml
 from mauctl import files
-from mauctl.engine import checkpoint
-from mauctl.errors import RunError, UsageError
+from mauctl.config import NOT_IN_DIGEST, NOT_IN_DIGEST_SECTIONS, read_toml
+from mauctl.errors import UsageError
 
 RUN_FILES = ("config.toml", "manifest.json", "metrics.jsonl", "status.json", "checkpoints")
+LAST = "last.pt"
+KEPT = re.compile(r"epoch_(\d{4,})\.pt")
 
 # Keys that may differ when a run is resumed: where and how fast it runs (the keys left out of the
 # config digest) and how long; any other difference is a different run.
@@ -57,17 +59,27 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return checkpoint.checkpoint_dir(self.path)
+        return self.path / "checkpoints"
 
     @property
     def last(self) -> Path:
-        return self.checkpoints / checkpoint.LAST
+        return self.checkpoints / LAST
 
     def is_run(self) -> bool:
         return self.config.exists() or self.checkpoints.is_dir()
 
     def has_checkpoint(self) -> bool:
-        return self.last.exists() or bool(checkpoint.kept_checkpoints(self.path))
+        return self.last.exists() or bool(self.kept())
+
+    def kept(self) -> list[Path]:
+        """The kept checkpoints/epoch_NNNN.pt files, newest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := KEPT.fullmatch(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def kept_name(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch_{epoch:04d}.pt"
 
     def write_json(self, path: Path, data: dict[str, Any]) -> None:
         """Replace a small file whole (a reader sees the old or the new text, never a mix)."""
@@ -144,7 +156,7 @@ def check_before_launch(run: RunDir, resume: str, overwrite: bool, differences: 
 def config_differences(old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> list[str]:
     diffs = []
     for section in sorted(set(old) | set(new)):
-        if section in RESUMABLE_SECTIONS:
+        if section in RESUMABLE_SECTIONS or section == "preset":  # [preset] says where a config came from
             continue
         a, b = old.get(section, {}), new.get(section, {})
         for key in sorted(set(a) | set(b)):
@@ -182,21 +194,3 @@ def check_writable(path: Path, need_bytes: int = MIN_FREE_BYTES) -> None:
             f"only {free / 2**20:.0f} MiB free under {probe_dir}; a checkpoint needs about {need_bytes / 2**20:.0f} MiB",
             hint="Free some space or choose another --out.",
         )
-
-
-def pick_checkpoint(run: RunDir, resume: str, log=print) -> tuple[Path | None, dict[str, Any] | None]:
-    """(path, state) to resume from: an explicit path, else last.pt, else the newest readable kept one."""
-    if resume == "none":
-        return None, None
-    if resume != "auto":
-        return Path(resume), checkpoint.load(Path(resume))
-    candidates = ([run.last] if run.last.exists() else []) + checkpoint.kept_checkpoints(run.path)
-    for path in candidates:
-        try:
-            return path, checkpoint.load(path)
-        except RunError as exc:
-            log(f"warning: {exc.message}; trying the previous checkpoint")
-    if candidates:
-        raise RunError(f"no readable checkpoint in {run.checkpoints}",
-                       hint="Every candidate was corrupt; use --overwrite to start over (the old run is kept).")
-    return None, None
