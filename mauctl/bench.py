@@ -23,12 +23,15 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mauctl.config import PretrainConfig
 from mauctl.data.folder import FolderIndex
+from mauctl.data.loader import worker_count
+from mauctl.text import plural
 from mauctl.engine.runtime import Runtime, derive_seed, precision_name
 
 FORMAT = "mauctl.bench/1"
@@ -123,7 +126,7 @@ def run_bench(cfg: PretrainConfig, rt: Runtime, index: FolderIndex | None, steps
             data = TrainData(cfg, rt, index, pipeline)
             results.append(measure("data", pipeline, forever(data.batches), lambda batch: None, steps, per_step,
                                    rt.device))
-            results[-1].per_core = results[-1].images_per_s / max(cfg.data.workers, 1)
+            results[-1].per_core = results[-1].images_per_s / max(worker_count(cfg.data.workers), 1)
             results.append(measure("end-to-end", pipeline, forever(data.batches), train, steps, per_step,
                                    rt.device))
             data.close()
@@ -140,7 +143,7 @@ def run_bench(cfg: PretrainConfig, rt: Runtime, index: FolderIndex | None, steps
         "arch": cfg.model.arch,
         "image_size": size,
         "batch_size": per_step,
-        "workers": cfg.data.workers,
+        "workers": worker_count(cfg.data.workers),
         "images": len(index.samples) if index is not None else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "results": [asdict(r) for r in results],
@@ -159,7 +162,7 @@ def render_table(report: dict[str, Any], console) -> None:
     title = (f"mauctl bench: {report['arch']} at {report['image_size']} px, batch {report['batch_size']}, "
              f"{report['precision']}{', compiled' if report['compile'] else ''}"
              f"{', channels_last' if report['channels_last'] else ''} on {report['device']} ({where}); "
-             f"{report['workers']} loader worker(s)")
+             f"{plural(report['workers'], 'loader worker')}")
     table = Table(title=title, title_justify="left")
     for name in ("measure", "pipeline", "images/s", "per worker", "× compute-only", "warm-up s", "peak memory"):
         table.add_column(name, justify="left" if name in ("measure", "pipeline") else "right")
@@ -183,3 +186,32 @@ def sample_paths(index: FolderIndex, n: int) -> list[str]:
     chosen = list(firsts.values())
     step = max(1, len(chosen) // n)
     return chosen[::step][:n]
+
+
+def run_command(job: Any, steps: int, compare_pil: bool, as_json: bool, console: Any) -> dict[str, Any]:
+    """`mauctl bench`: measure ``job`` (prepare.BenchJob) in this process and print the table or JSON."""
+    from mauctl.data.pipeline import pipeline_for
+    from mauctl.engine import runtime
+
+    rt = runtime.start(job.config.run.device, job.config.run.precision)
+    try:
+        used = pipeline_for(job.config, rt.device.type)
+        pipelines = [used] + ([{"pil": "tensor", "tensor": "pil"}[used]] if compare_pil else [])
+        result = run_bench(job.config, rt, job.train, steps, pipelines)
+    finally:
+        rt.close()
+    if as_json:
+        console.file.write(render_json(result))
+    else:
+        render_table(result, console)
+    return result
+
+
+def write_augmentations(job: Any, path: Path, console: Any) -> None:
+    """`mauctl bench --show-augmentations FILE.png`: PIL beside tensor views of a few of the job's images."""
+    from mauctl.data.batch_augment import augmentation_grid
+
+    paths = sample_paths(job.train, 6)
+    augmentation_grid(paths, job.config.data.aug, job.config.data.image_size, path)
+    console.print(f"wrote {path}: {len(paths)} images, 4 views each by the PIL recipe (left) and the tensor "
+                  "pipeline (right), the same random choices column by column", highlight=False)

@@ -1,37 +1,87 @@
 """The `mauctl` command line: parse, validate, then hand a config to a job or to the launcher.
 
 Errors the user can fix are ``UsageError`` (exit 2) or ``RunError`` (exit 1), printed in one
-paragraph without a traceback; ``--debug`` (or ``MAUCTL_DEBUG=1``) shows tracebacks.
+paragraph ("error: ...") without a traceback, as are the command line's own errors (an unknown
+option, a missing argument: exit 2); ``--debug`` (or ``MAUCTL_DEBUG=1``) adds the traceback and
+keeps the exit status.
+
+The flags that set one config key each (``--epochs``, ``--lr``, ...) are declared once, in
+``FLAGS``, with the key's description from config.py as their help; each command names the ones
+it takes (``@config_flags``) and receives their values as ``flags`` ({"section.key": value}).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
+import traceback
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional, get_args, get_origin
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from mauctl import __version__
-from mauctl.config import LinclsConfig, PretrainConfig, describe
+from mauctl.config import LinclsConfig, PretrainConfig, describe, field_annotation
 from mauctl.errors import EXIT_STOPPED, MauctlError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+_debug = {"on": os.environ.get("MAUCTL_DEBUG", "") not in ("", "0")}
+
+# click's error class, whether Typer vendors click (0.2x) or depends on it
+CommandLineError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _no_metavar(option: Any) -> Any:
+    if option is not None:
+        option.metavar = ""  # a flag takes no value: no "<bool>" beside --help
+    return option
+
+
+class Group(typer.core.TyperGroup):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _no_metavar(super().get_help_option(ctx))
+
+
+class Command(typer.core.TyperCommand):
+    """Help in the usual form: ``mauctl lincls [OPTIONS] SOURCE [DATA]``, ``--epochs N``, ``--force``."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _no_metavar(super().get_help_option(ctx))
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            if isinstance(param, typer.core.TyperOption) and param.metavar is None:
+                param.metavar = "" if param.is_flag else TYPE_METAVARS.get(param.display_type(ctx), "VALUE")
+            elif isinstance(param, typer.core.TyperArgument):
+                param.display_type_rich = lambda ctx: None  # its NAME says it; no "<path>" or "<list[Path]>"
+        return params
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = (param.metavar or param.name or "").upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
 
 app = typer.Typer(
     name="mauctl",
+    cls=Group,
     help="Pretrain image encoders with MoCo and the alignment/uniformity losses, probe, export, report.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-_debug = {"on": os.environ.get("MAUCTL_DEBUG", "") not in ("", "0")}
 
 
 def command(fn):
@@ -43,21 +93,26 @@ def command(fn):
             return fn(*args, **kwargs)
         except MauctlError as exc:
             if _debug["on"]:
-                raise
-            err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
-            if exc.hint:
-                err.print(exc.hint, markup=False, highlight=False)
+                traceback.print_exc()
+            print_error(exc.message, exc.hint)
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
         except Exception as exc:
             if _debug["on"]:
                 raise
-            err.print(f"[bold red]internal error:[/] {exc.__class__.__name__}: {escape(str(exc))}", highlight=False)
-            err.print("This is a bug in mauctl; rerun with --debug for the traceback and report it.")
+            print_error(f"internal error: {exc.__class__.__name__}: {exc}",
+                        "This is a bug in mauctl; rerun with --debug for the traceback and report it.")
             raise typer.Exit(1) from None
 
-    return app.command()(wrapper)
+    return app.command(cls=Command)(wrapper)
+
+
+def print_error(message: str, hint: str | None = None) -> None:
+    """The one form of every error mauctl prints: "error: what", then what to do."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    if hint:
+        err.print(hint, markup=False, highlight=False)
 
 
 def _version(value: bool) -> None:
@@ -68,12 +123,94 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", metavar="", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", metavar="", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
     _debug["on"] = debug or os.environ.get("MAUCTL_DEBUG", "") not in ("", "0")
+
+
+# ---------------------------------------------------------------- options declared once
+
+# flag -> the config key it sets
+FLAGS = {
+    "epochs": "optim.epochs", "batch_size": "optim.batch_size", "lr": "optim.lr", "arch": "model.arch",
+    "image_size": "data.image_size", "workers": "data.workers", "pipeline": "data.pipeline", "seed": "run.seed",
+    "device": "run.device", "out": "run.out", "resume": "run.resume", "nproc_per_node": "launch.nproc_per_node",
+    "nnodes": "launch.nnodes", "node_rank": "launch.node_rank", "rdzv_endpoint": "launch.rdzv_endpoint",
+    "max_restarts": "launch.max_restarts",
+}
+RUN_FLAGS = ("epochs", "batch_size", "lr", "image_size", "workers", "seed", "device", "out", "resume",
+             "nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "max_restarts")
+METAVARS = {int: "N", float: "X", str: "TEXT"}
+TYPE_METAVARS = {"<int>": "N", "<float>": "X", "<str>": "TEXT", "<path>": "PATH"}  # options declared without one
+
+
+def config_flags(schema: type, names: tuple[str, ...], helps: dict[str, str] | None = None):
+    """Add the flags ``names`` (see FLAGS) to a command; it gets their values as ``flags``.
+
+    Each flag's help is the config key's description and default in ``schema`` (or ``helps[name]``).
+    """
+    def decorate(fn):
+        signature = inspect.signature(fn, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.name != "flags"]
+        at = next((i + 1 for i, p in enumerate(params) if p.name == "sets"), len(params))  # listed after --set
+        added = []
+        for name in names:
+            key = FLAGS[name]
+            kind = field_annotation(schema, key)
+            choices = get_args(kind) if get_origin(kind) is Literal else ()
+            kind = kind if kind in METAVARS else str  # "auto"-or-number keys are read as text, checked by config.py
+            metavar = "|".join(choices) if choices else METAVARS[kind]
+            option = typer.Option(f"--{name.replace('_', '-')}", metavar=metavar, show_default=False,
+                                  help=escape((helps or {}).get(name) or describe(schema, key)))
+            added.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                           annotation=Annotated[Optional[kind], option]))
+        params = params[:at] + added + params[at:]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, flags={FLAGS[n]: kwargs.pop(n) for n in names}, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
+
+
+def _data_flags(data: Optional[Path], flags: dict[str, Any]) -> dict[str, Any]:
+    """DATA sets data.root (and turns a preset's built-in dataset off)."""
+    if data is None:
+        return flags
+    return {**flags, "data.root": str(data.resolve()), "data.builtin": ""}
+
+
+def _presets_of(command: str) -> str:
+    from mauctl.presets import all_presets
+
+    return ", ".join(p.name for p in all_presets() if p.command == command)
+
+
+def _losses() -> str:
+    from mauctl.presets import DEFAULT_LOSS, loss_columns
+
+    return ", ".join(name + (" (default)" if name == DEFAULT_LOSS else "") for name in loss_columns())
+
+
+Data = Annotated[Optional[Path], typer.Argument(
+    metavar="DATA", show_default=False,
+    help="Image folder with train/<class>/<image> (sets data.root; a preset may use a built-in dataset).")]
+ConfigFile = Annotated[Optional[Path], typer.Option(
+    "--config", metavar="FILE", help="TOML config laid over the preset (e.g. a --dry-run's output).")]
+Sets = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="KEY=VALUE",
+    help="Override any config key, as section.key=value; repeatable, the value read as TOML "
+         "(e.g. --set optim.cos=true).")]
+Overwrite = Annotated[bool, typer.Option(
+    "--overwrite", metavar="", help="Start over in a run directory that holds a run (the old one is moved aside).")]
+DryRun = Annotated[bool, typer.Option(
+    "--dry-run", metavar="", help="Resolve and check everything, print the plan and config as TOML, train nothing.")]
 
 
 # ---------------------------------------------------------------- presets
@@ -154,57 +291,26 @@ def _launch(job: Any) -> None:
         err.print(f"stopped; resume with the same command (exit status {EXIT_STOPPED})", highlight=False)
     raise typer.Exit(code)
 
-def _help(key: str) -> str:
-    return escape(describe(PretrainConfig, key))
-
 
 @command
+@config_flags(PretrainConfig, ("arch", *RUN_FLAGS))
 def pretrain(
-    data: Annotated[Optional[Path], typer.Argument(help="Image folder with train/<class>/<image> (sets data.root).",
-                                                   show_default=False)] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Preset to start from (see `mauctl presets`).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config laid over the preset.")] = None,
-    loss: Annotated[Optional[str], typer.Option(
-        help="Loss column: contr-t0.07, contr-t0.2, align2-unif2, align3-unif3 (the default values), align4-unif4."
-    )] = None,
-    sets: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override any key: --set section.key=value (repeatable; the value is read as TOML).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help=_help("optim.epochs"), show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=_help("optim.batch_size"), show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help=_help("optim.lr"), show_default=False)] = None,
-    arch: Annotated[Optional[str], typer.Option(help=_help("model.arch"), show_default=False)] = None,
-    image_size: Annotated[Optional[int], typer.Option(help=_help("data.image_size"), show_default=False)] = None,
-    workers: Annotated[Optional[int], typer.Option(help=_help("data.workers"), show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option(help=_help("run.seed"), show_default=False)] = None,
-    device: Annotated[Optional[str], typer.Option(help=_help("run.device"), show_default=False)] = None,
-    out_dir: Annotated[Optional[str], typer.Option("--out", help=_help("run.out"), show_default=False)] = None,
-    resume: Annotated[Optional[str], typer.Option(help=_help("run.resume"), show_default=False)] = None,
-    nproc_per_node: Annotated[Optional[str], typer.Option(help=_help("launch.nproc_per_node"),
-                                                          show_default=False)] = None,
-    nnodes: Annotated[Optional[int], typer.Option(help=_help("launch.nnodes"), show_default=False)] = None,
-    node_rank: Annotated[Optional[int], typer.Option(help=_help("launch.node_rank"), show_default=False)] = None,
-    rdzv_endpoint: Annotated[Optional[str], typer.Option(help=_help("launch.rdzv_endpoint"),
-                                                         show_default=False)] = None,
-    max_restarts: Annotated[Optional[int], typer.Option(help=_help("launch.max_restarts"),
-                                                        show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Start over in a run directory that holds a run (the old run is moved aside).")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and check everything, print it, train nothing.")] = False,
+    data: Data = None,
+    preset: Annotated[Optional[str], typer.Option(
+        metavar="NAME", show_default=False, help=f"Preset to start from: {_presets_of('pretrain')}.")] = None,
+    config: ConfigFile = None,
+    loss: Annotated[Optional[str], typer.Option(metavar="NAME", show_default=False,
+                                                help=f"Loss column: {_losses()}.")] = None,
+    sets: Sets = None,
+    overwrite: Overwrite = False,
+    dry_run: DryRun = False,
+    flags: dict[str, Any] | None = None,
 ) -> None:
     """MoCo pretraining with the contrastive / alignment / uniformity losses."""
     from mauctl.prepare import dry_run_text, prepare_pretrain
 
-    flags = {
-        "data.root": str(data.resolve()) if data is not None else None,
-        "data.builtin": "" if data is not None else None,
-        "optim.epochs": epochs, "optim.batch_size": batch_size, "optim.lr": lr, "model.arch": arch,
-        "data.image_size": image_size, "data.workers": workers, "run.seed": seed, "run.device": device,
-        "run.out": out_dir, "run.resume": resume, "launch.nproc_per_node": nproc_per_node,
-        "launch.nnodes": nnodes, "launch.node_rank": node_rank, "launch.rdzv_endpoint": rdzv_endpoint,
-        "launch.max_restarts": max_restarts,
-    }
-    job = prepare_pretrain(preset=preset, config_file=config, loss=loss, flags=flags, sets=sets or [],
-                           dry_run=dry_run, overwrite=overwrite)
+    job = prepare_pretrain(preset=preset, config_file=config, loss=loss, flags=_data_flags(data, flags or {}),
+                           sets=sets or [], dry_run=dry_run, overwrite=overwrite)
     if dry_run:
         typer.echo(dry_run_text(job), nl=False)
         return
@@ -242,62 +348,37 @@ def subset(
 # ---------------------------------------------------------------- lincls
 
 
-def _lhelp(key: str) -> str:
-    return escape(describe(LinclsConfig, key))
-
-
 @command
+@config_flags(LinclsConfig, RUN_FLAGS, helps={
+    "image_size": "Side of the square crop, in pixels (data.image_size; default: the pretraining run's).",
+    "out": "Output directory (run.out; default: <run>/lincls/<name>)."})
 def lincls(
     source: Annotated[Path, typer.Argument(
-        help="A pretraining run directory or checkpoint (mauctl, original MoCo, or a torchvision state dict).",
-        show_default=False)],
+        metavar="SOURCE", show_default=False,
+        help="A pretraining run directory or checkpoint (mauctl, original MoCo, or a torchvision state dict).")],
     data: Annotated[Optional[Path], typer.Argument(
-        help="Folder with train/ and val/ (default: the pretraining run's dataset).", show_default=False)] = None,
-    preset: Annotated[Optional[str], typer.Option(help="lincls (default) or lincls-in1k.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config laid over the preset.")] = None,
-    sets: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override any key: --set section.key=value (repeatable).")] = None,
+        metavar="DATA", show_default=False,
+        help="Folder with train/ and val/ (default: the pretraining run's dataset).")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        metavar="NAME", show_default=False,
+        help=f"Probe preset: {_presets_of('lincls')} (default lincls, the published protocol).")] = None,
+    config: ConfigFile = None,
+    sets: Sets = None,
     name: Annotated[Optional[str], typer.Option(
+        metavar="NAME", show_default=False,
         help="Name of this probe: results go to <run>/lincls/<name> (default: the preset's name).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help=_lhelp("optim.epochs"), show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=_lhelp("optim.batch_size"), show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help=_lhelp("optim.lr"), show_default=False)] = None,
-    image_size: Annotated[Optional[int], typer.Option(
-        help=escape("Side of the square crop, in pixels (default: the pretraining run's)."), show_default=False)] = None,
-    workers: Annotated[Optional[int], typer.Option(help=_lhelp("data.workers"), show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option(help=_lhelp("run.seed"), show_default=False)] = None,
-    device: Annotated[Optional[str], typer.Option(help=_lhelp("run.device"), show_default=False)] = None,
-    out_dir: Annotated[Optional[str], typer.Option("--out", help="Output directory (default: <run>/lincls/<name>).",
-                                                   show_default=False)] = None,
-    resume: Annotated[Optional[str], typer.Option(help=_lhelp("run.resume"), show_default=False)] = None,
-    nproc_per_node: Annotated[Optional[str], typer.Option(help=_lhelp("launch.nproc_per_node"),
-                                                          show_default=False)] = None,
-    nnodes: Annotated[Optional[int], typer.Option(help=_lhelp("launch.nnodes"), show_default=False)] = None,
-    node_rank: Annotated[Optional[int], typer.Option(help=_lhelp("launch.node_rank"), show_default=False)] = None,
-    rdzv_endpoint: Annotated[Optional[str], typer.Option(help=_lhelp("launch.rdzv_endpoint"),
-                                                         show_default=False)] = None,
-    max_restarts: Annotated[Optional[int], typer.Option(help=_lhelp("launch.max_restarts"),
-                                                        show_default=False)] = None,
-    evaluate: Annotated[bool, typer.Option("--evaluate", help="Only evaluate the trained classifier on val/.")]
-    = False,
+    evaluate: Annotated[bool, typer.Option(
+        "--evaluate", metavar="", help="Only evaluate the trained classifier on val/.")] = False,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Start this probe over (the old one is moved aside).")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and check everything, print it, train nothing.")]
-    = False,
+        "--overwrite", metavar="", help="Start this probe over (the old one is moved aside).")] = False,
+    dry_run: DryRun = False,
+    flags: dict[str, Any] | None = None,
 ) -> None:
     """Linear classification on frozen features (the original main_lincls.py protocol)."""
     from mauctl.prepare import lincls_dry_run_text, prepare_lincls
 
-    flags = {
-        "data.root": str(data.resolve()) if data is not None else None,
-        "data.builtin": "" if data is not None else None,
-        "optim.epochs": epochs, "optim.batch_size": batch_size, "optim.lr": lr, "data.image_size": image_size,
-        "data.workers": workers, "run.seed": seed, "run.device": device, "run.out": out_dir, "run.resume": resume,
-        "launch.nproc_per_node": nproc_per_node, "launch.nnodes": nnodes, "launch.node_rank": node_rank,
-        "launch.rdzv_endpoint": rdzv_endpoint, "launch.max_restarts": max_restarts,
-    }
-    job = prepare_lincls(source, preset=preset, config_file=config, flags=flags, sets=sets or [], name=name,
-                         evaluate=evaluate, overwrite=overwrite)
+    job = prepare_lincls(source, preset=preset, config_file=config, flags=_data_flags(data, flags or {}),
+                         sets=sets or [], name=name, evaluate=evaluate, overwrite=overwrite)
     if dry_run:
         typer.echo(lincls_dry_run_text(job), nl=False)
         return
@@ -374,64 +455,37 @@ def export(
 
 
 @command
+@config_flags(PretrainConfig, ("batch_size", "arch", "image_size", "workers", "device", "pipeline"))
 def bench(
-    data: Annotated[Optional[Path], typer.Argument(help="Image folder with train/<class>/<image> (sets data.root).",
-                                                   show_default=False)] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Pretraining preset to measure (see `mauctl presets`).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config laid over the preset.")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="Loss column (see `mauctl pretrain --help`).")] = None,
-    sets: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override any key: --set section.key=value (e.g. run.precision=bf16, run.compile=true).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=_help("optim.batch_size"), show_default=False)] = None,
-    arch: Annotated[Optional[str], typer.Option(help=_help("model.arch"), show_default=False)] = None,
-    image_size: Annotated[Optional[int], typer.Option(help=_help("data.image_size"), show_default=False)] = None,
-    workers: Annotated[Optional[int], typer.Option(help=_help("data.workers"), show_default=False)] = None,
-    device: Annotated[Optional[str], typer.Option(help=_help("run.device"), show_default=False)] = None,
-    pipeline: Annotated[Optional[str], typer.Option(help=_help("data.pipeline"), show_default=False)] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Timed steps per measurement (after 3 warm-up steps).")] = 20,
+    data: Data = None,
+    preset: Annotated[Optional[str], typer.Option(
+        metavar="NAME", show_default=False, help=f"Pretraining preset to measure: {_presets_of('pretrain')}.")] = None,
+    config: ConfigFile = None,
+    loss: Annotated[Optional[str], typer.Option(metavar="NAME", show_default=False,
+                                                help=f"Loss column: {_losses()}.")] = None,
+    sets: Sets = None,
+    steps: Annotated[int, typer.Option(metavar="N", min=1,
+                                       help="Timed steps per measurement (after 3 warm-up steps).")] = 20,
     compare_pil: Annotated[bool, typer.Option(
-        "--compare-pil", help="Also measure the PIL pipeline (when the config uses the tensor one), or the "
-                              "tensor one when it uses PIL.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+        "--compare-pil", metavar="", help="Also measure the PIL pipeline (when the config uses the tensor one), "
+                                          "or the tensor one when it uses PIL.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the results as JSON.")] = False,
     show_augmentations: Annotated[Optional[Path], typer.Option(
-        help="Write a PNG grid of augmented views, PIL beside tensor, of a few DATA images; measure nothing.",
-        show_default=False)] = None,
+        metavar="FILE.png", show_default=False,
+        help="Write a PNG grid of augmented views, PIL beside tensor, of a few DATA images; measure nothing.")]
+    = None,
+    flags: dict[str, Any] | None = None,
 ) -> None:
     """Measure this machine: data pipeline, compute-only step and end-to-end images/s for a config."""
+    from mauctl import bench as bench_module
     from mauctl.prepare import prepare_bench
 
-    flags = {
-        "data.root": str(data.resolve()) if data is not None else None,
-        "data.builtin": "" if data is not None else None,
-        "optim.batch_size": batch_size, "model.arch": arch, "data.image_size": image_size, "data.workers": workers,
-        "run.device": device, "data.pipeline": pipeline,
-    }
-    job = prepare_bench(preset=preset, config_file=config, loss=loss, flags=flags, sets=sets or [],
-                        augmentations=show_augmentations)
-    from mauctl import bench as bench_module
-
+    job = prepare_bench(preset=preset, config_file=config, loss=loss, flags=_data_flags(data, flags or {}),
+                        sets=sets or [], augmentations=show_augmentations)
     if show_augmentations is not None:
-        from mauctl.data.batch_augment import augmentation_grid
-
-        paths = bench_module.sample_paths(job.train, 6)
-        augmentation_grid(paths, job.config.data.aug, job.config.data.image_size, show_augmentations)
-        err.print(f"wrote {show_augmentations}: {len(paths)} images, 4 views each by the PIL recipe (left) and the "
-                  "tensor pipeline (right), the same random choices column by column", highlight=False)
-        return
-    from mauctl.engine import runtime
-    from mauctl.data.pipeline import pipeline_for
-
-    rt = runtime.start(job.config.run.device, job.config.run.precision)
-    try:
-        used = pipeline_for(job.config, rt.device.type)
-        pipelines = [used] + ([{"pil": "tensor", "tensor": "pil"}[used]] if compare_pil else [])
-        result = bench_module.run_bench(job.config, rt, job.train, steps, pipelines)
-    finally:
-        rt.close()
-    if as_json:
-        typer.echo(bench_module.render_json(result), nl=False)
+        bench_module.write_augmentations(job, show_augmentations, err)
     else:
-        bench_module.render_table(result, out)
+        bench_module.run_command(job, steps, compare_pil, as_json, out)
 
 
 # ---------------------------------------------------------------- demo
@@ -439,9 +493,9 @@ def bench(
 
 @command
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs.")] = Path("runs"),
-    loss: Annotated[Optional[str], typer.Option(help="Loss column to pretrain with (default align3-unif3).")]
-    = None,
+    out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Folder for the demo's runs.")] = Path("runs"),
+    loss: Annotated[Optional[str], typer.Option(metavar="NAME", show_default=False,
+                                                help=f"Loss column to pretrain with: {_losses()}.")] = None,
 ) -> None:
     """The whole chain on scikit-learn's digits, on a CPU, in minutes: pretrain, probe, export, report."""
     from mauctl.demo import Stopped, run_demo
@@ -454,9 +508,20 @@ def demo(
 
 
 def main() -> None:
+    """The console script: the command's exit status; the command line's own errors as "error:" lines (exit 2)."""
     try:
-        app(prog_name="mauctl")
-        code = 0
+        code = app(prog_name="mauctl", standalone_mode=False)
+        code = code if isinstance(code, int) else 0
+    except CommandLineError as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `mauctl` or `mauctl COMMAND` alone: the help
+            typer.echo(ctx.get_help())
+        else:
+            where = f"mauctl {ctx.info_name}" if ctx is not None and ctx.parent is not None else "mauctl"
+            print_error(exc.format_message(), f"Run '{where} --help' for the options.")
+        code = exc.exit_code
+    except typer.Abort:
+        code = 1
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     from mauctl.worker import fast_exit

@@ -74,9 +74,12 @@ class DataConfig(Section):
         "", description="Built-in dataset used when no folder is given: 'digits' (scikit-learn's 8x8 digits)."
     )
     image_size: int = Field(224, ge=8, description="Side of the square training crop, in pixels.")
-    workers: int = Field(8, ge=0, description="Data-loading processes per training process.")
+    workers: int | Literal["auto"] = Field(
+        "auto", description="Data-loading processes per training process: auto = this process's share of the CPU "
+        "cores, at most 8; 0 = load in the training process.",
+    )
     aug: Literal["v1", "v2"] = Field(
-        "v1", description="Augmentation recipe: v1 = MoCo v1, v2 = MoCo v2 strong augmentation [--aug-plus]."
+        "v1", description="Augmentation recipe: v1 = MoCo v1, v2 = MoCo v2 strong augmentation (main_moco.py --aug-plus)."
     )
     pipeline: Literal["auto", "pil", "tensor"] = Field(
         "auto",
@@ -93,12 +96,18 @@ class DataConfig(Section):
     )
 
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_or_count(cls, n: Any) -> int | str:
+        return auto_or_int(n, 0, "expected 'auto' or a number of processes (0 = none)")
+
+
 class ModelConfig(Section):
-    arch: str = Field("resnet50", description="torchvision architecture of both encoders [-a].")
-    dim: int = Field(128, ge=1, description="Feature (embedding) dimension [--moco-dim].")
-    mlp: bool = Field(False, description="2-layer MLP projection head instead of a linear one [--mlp].")
-    queue_size: int = Field(65536, ge=1, description="Queue length K; a multiple of the global batch [--moco-k].")
-    key_momentum: float = Field(0.999, ge=0.0, lt=1.0, description="Momentum of the key encoder update [--moco-m].")
+    arch: str = Field("resnet50", description="torchvision architecture of both encoders (main_moco.py -a).")
+    dim: int = Field(128, ge=1, description="Feature (embedding) dimension (main_moco.py --moco-dim).")
+    mlp: bool = Field(False, description="2-layer MLP projection head instead of a linear one (main_moco.py --mlp).")
+    queue_size: int = Field(65536, ge=1, description="Queue length K; a multiple of the global batch (main_moco.py --moco-k).")
+    key_momentum: float = Field(0.999, ge=0.0, lt=1.0, description="Momentum of the key encoder update (main_moco.py --moco-m).")
     bn_splits: int = Field(
         0,
         ge=0,
@@ -118,12 +127,12 @@ class ModelConfig(Section):
 
 
 class LossConfig(Section):
-    contr_w: float = Field(0.0, ge=0.0, description="Weight of the contrastive (InfoNCE) loss [--moco-contr-w].")
-    contr_tau: float = Field(0.07, gt=0.0, description="Temperature of the contrastive loss [--moco-contr-tau].")
-    align_w: float = Field(3.0, ge=0.0, description="Weight of the alignment loss [--moco-align-w].")
-    align_alpha: float = Field(2.0, gt=0.0, description="Exponent alpha of the alignment loss [--moco-align-alpha].")
-    unif_w: float = Field(1.0, ge=0.0, description="Weight of the uniformity loss [--moco-unif-w].")
-    unif_t: float = Field(3.0, gt=0.0, description="Temperature t of the uniformity loss [--moco-unif-t].")
+    contr_w: float = Field(0.0, ge=0.0, description="Weight of the contrastive (InfoNCE) loss (main_moco.py --moco-contr-w).")
+    contr_tau: float = Field(0.07, gt=0.0, description="Temperature of the contrastive loss (main_moco.py --moco-contr-tau).")
+    align_w: float = Field(3.0, ge=0.0, description="Weight of the alignment loss (main_moco.py --moco-align-w).")
+    align_alpha: float = Field(2.0, gt=0.0, description="Exponent alpha of the alignment loss (main_moco.py --moco-align-alpha).")
+    unif_w: float = Field(1.0, ge=0.0, description="Weight of the uniformity loss (main_moco.py --moco-unif-w).")
+    unif_t: float = Field(3.0, gt=0.0, description="Temperature t of the uniformity loss (main_moco.py --moco-unif-t).")
     intra_batch: bool = Field(
         True,
         description="Uniformity also over query pairs within the batch (Eq. 18); false = queue only (Eq. 17).",
@@ -137,15 +146,15 @@ class LossConfig(Section):
 
 
 class OptimConfig(Section):
-    lr: float = Field(0.03, gt=0.0, description="Initial learning rate for the global batch [--lr].")
-    batch_size: int = Field(256, ge=1, description="Global batch size, all processes together [-b].")
-    epochs: int = Field(200, ge=1, description="Number of training epochs [--epochs].")
+    lr: float = Field(0.03, gt=0.0, description="Initial learning rate for the global batch (main_moco.py --lr).")
+    batch_size: int = Field(256, ge=1, description="Global batch size, all processes together (main_moco.py -b).")
+    epochs: int = Field(200, ge=1, description="Number of training epochs (main_moco.py --epochs).")
     schedule: list[int] = Field(
-        [120, 160], description="Epochs (0-based) from which the step schedule multiplies the LR by 0.1 [--schedule]."
+        [120, 160], description="Epochs (0-based) from which the step schedule multiplies the LR by 0.1 (main_moco.py --schedule)."
     )
-    cos: bool = Field(False, description="Cosine LR schedule instead of the step schedule [--cos].")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum [--momentum].")
-    weight_decay: float = Field(1e-4, ge=0.0, description="SGD weight decay [--wd].")
+    cos: bool = Field(False, description="Cosine LR schedule instead of the step schedule (main_moco.py --cos).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (main_moco.py --momentum).")
+    weight_decay: float = Field(1e-4, ge=0.0, description="SGD weight decay (main_moco.py --wd).")
 
     @field_validator("schedule")
     @classmethod
@@ -164,7 +173,7 @@ class RunConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Compute precision: auto = bf16 on CUDA, fp32 on CPU."
     )
-    print_freq: int = Field(10, ge=1, description="Log every N steps [-p].")
+    print_freq: int = Field(10, ge=1, description="Log every N steps (main_moco.py -p).")
     resume: str = Field("auto", description="auto (continue from last.pt if any), none, or a checkpoint path.")
     save_every: int = Field(20, ge=0, description="Keep a checkpoint every N epochs besides last.pt (0 = none).")
     save_minutes: float = Field(
@@ -259,10 +268,15 @@ class PretrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _batch_and_queue(self) -> PretrainConfig:
-        if self.model.queue_size % self.optim.batch_size:
+        queue, batch = self.model.queue_size, self.optim.batch_size
+        if queue % batch:
+            below = max((b for b in range(1, batch) if queue % b == 0), default=None)
+            above = next((b for b in range(batch + 1, queue + 1) if queue % b == 0), None)
+            batches = " or ".join(str(b) for b in (below, above) if b is not None)
+            near = max(batch, queue // batch * batch)
             raise ValueError(
-                f"model.queue_size {self.model.queue_size} must be a multiple of the global batch "
-                f"optim.batch_size {self.optim.batch_size}"
+                f"model.queue_size {queue} must be a multiple of the global batch optim.batch_size {batch}: "
+                f"use --batch-size {batches}, or --set model.queue_size={near}"
             )
         return self
 
@@ -319,7 +333,8 @@ def describe(schema: type[BaseModel], dotted: str) -> str:
     section_model = schema.model_fields[section].default
     info = type(section_model).model_fields[key]
     default = getattr(section_model, key)
-    return f"{info.description} ({dotted}; default {default!r})"
+    shown = "" if default == "" else f", default {_toml_value(default)}"
+    return f"{(info.description or '').rstrip('.')}; {dotted}{shown}."
 
 
 # ---------------------------------------------------------------- layers and merge
@@ -441,6 +456,11 @@ def parse_set(assignment: str, schema: type[BaseModel] | None = None) -> Layer:
     if schema is not None and _annotation(schema, *parts) is str and not isinstance(value, str):
         value = raw.strip()
     return Layer(label, {parts[0]: {parts[1]: value}})
+
+
+def field_annotation(schema: type[BaseModel], dotted: str) -> Any:
+    """The type of ``section.key`` in ``schema`` (None for an unknown key)."""
+    return _annotation(schema, *dotted.split("."))
 
 
 def _annotation(schema: type[BaseModel], section: str, key: str) -> Any:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mauctl.config import LaunchConfig, OptimConfig, RunConfig
 from mauctl.errors import EXIT_STOPPED, RunError, UsageError
+from mauctl.text import plural
 
 
 @dataclass(frozen=True)
@@ -50,20 +51,20 @@ def make_plan(run: RunConfig, launch: LaunchConfig, optim: OptimConfig,
     else:
         nproc = launch.nproc_per_node
         if kind == "cuda" and (_visible_gpus() == 0 or int(run.device.partition(":")[2] or 0) >= _visible_gpus()):
-            raise UsageError(f"run.device = {run.device!r}, but {_visible_gpus()} CUDA GPU(s) are visible here",
+            raise UsageError(f"run.device = {run.device!r}, but {plural(_visible_gpus(), 'CUDA GPU')} visible here",
                              hint="Use --device cpu (or auto), or check CUDA_VISIBLE_DEVICES.")
         if nproc == "auto":
             nproc = _visible_gpus() if kind == "cuda" else 1
         if kind == "cuda" and nproc > max(1, _visible_gpus()):
             raise UsageError(
-                f"launch.nproc_per_node = {nproc} but only {_visible_gpus()} GPU(s) are visible",
+                f"launch.nproc_per_node = {nproc} but only {plural(_visible_gpus(), 'GPU')} visible",
                 hint="Lower --nproc-per-node or check CUDA_VISIBLE_DEVICES.",
             )
         plan = Plan(nproc * launch.nnodes, nproc, launch.nnodes, kind, False)
     if optim.batch_size % plan.world_size:
         raise UsageError(
             f"optim.batch_size = {optim.batch_size} is not divisible by the world size {plan.world_size} "
-            f"({plan.nnodes} node(s) x {plan.nproc_per_node} process(es))",
+            f"({plural(plan.nnodes, 'node')} x {plural(plan.nproc_per_node, 'process', 'processes')})",
             hint="The batch size is global: choose one that splits evenly over the processes.",
         )
     return plan
@@ -132,7 +133,7 @@ def start_workers(job: dict, plan: Plan, launch: LaunchConfig) -> None:
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # Older torch handles no SIGUSR1 in the agent: turn it into the SIGTERM it does handle.
     signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # mauctl says what failed
+    quiet_torchrun()
     try:
         run(parse_args(torchrun_argv(plan, launch, rdzv_id(job["config"]["run"]["out"]))))
     except SignalException as exc:
@@ -147,6 +148,14 @@ def start_workers(job: dict, plan: Plan, launch: LaunchConfig) -> None:
         raise RunError(f"worker process(es) failed: {failures}; their messages are above",
                        hint="Run the same command to resume from the last checkpoint "
                        "(--max-restarts N lets torchrun do that by itself).") from None
+
+
+def quiet_torchrun() -> None:
+    """Silence torchrun's own log lines ("Received 2 death signal, shutting down workers", failure
+    dumps): mauctl says what happened. Each elastic module sets its logger's level when imported."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 class WorkersStopped(Exception):

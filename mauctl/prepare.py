@@ -27,6 +27,7 @@ from mauctl.engine.rundir import MIN_FREE_BYTES, RunDir, check_before_launch, ch
 from mauctl.engine.runtime import restarted
 from mauctl.engine.schedule import describe_schedule
 from mauctl.errors import UsageError
+from mauctl.text import plural
 from mauctl.launch import Plan, in_worker, make_plan
 from mauctl.moco import bn_splits
 from mauctl.engine.checkpoint import LINCLS_FORMAT, PRETRAIN_FORMAT
@@ -175,17 +176,19 @@ def dry_run_text(job: Job) -> str:
     lines = [
         f"mauctl {__version__} pretrain --dry-run: nothing was trained or written.",
         f"preset: {job.preset or '-'}; loss column: {job.loss or 'custom (matches no published column)'}",
-        f"world size: {job.plan.world_size} = {job.plan.nnodes} node(s) x {job.plan.nproc_per_node} process(es) "
+        f"world size: {job.plan.world_size} = {plural(job.plan.nnodes, 'node')} x "
+        f"{plural(job.plan.nproc_per_node, 'process', 'processes')} "
         f"on {job.plan.device_type}" + (" (inside an existing torchrun/SLURM worker)" if job.plan.inside_worker else ""),
         f"batch: global {c.optim.batch_size}, per process {per_process}, "
-        f"{job.bn_splits} BatchNorm group(s) of {per_process // job.bn_splits} per process",
+        f"{plural(job.bn_splits, 'BatchNorm group')} of {per_process // job.bn_splits} per process",
         f"LR schedule: {describe_schedule(c.optim)}",
     ]
     if job.train is not None:
         steps = len(job.train.samples) // c.optim.batch_size
         lines.append(
-            f"data: {job.train.root}: {len(job.train.classes)} classes, {len(job.train.samples)} images, "
-            f"{steps} steps per epoch ({steps * c.optim.epochs} in all)"
+            f"data: {job.train.root}: {plural(len(job.train.classes), 'class', 'classes')}, "
+            f"{plural(len(job.train.samples), 'image')}, {plural(steps, 'step')} per epoch "
+            f"({steps * c.optim.epochs:,} in all)"
         )
     elif c.data.builtin:
         lines.append(f"data: built-in '{c.data.builtin}' (materialised in the cache on the first run)")
@@ -214,7 +217,7 @@ def describe_speed(c: PretrainConfig, device_type: str) -> str:
 
 
 def describe_checkpoints(c: PretrainConfig) -> str:
-    kept = f"epoch_NNNN.pt kept every {c.run.save_every} epoch(s)" if c.run.save_every else "no others kept"
+    kept = f"epoch_NNNN.pt kept every {plural(c.run.save_every, 'epoch')}" if c.run.save_every else "no others kept"
     return f"{_last_pt_every_epoch(c.run.save_minutes)}; {kept}"
 
 
@@ -232,7 +235,7 @@ def describe_eval(c: PretrainConfig, train: FolderIndex | None) -> str:
     knn = f"kNN top-1 (k {c.eval.knn_k}) against up to {c.eval.bank_images} train images" if c.eval.bank_images \
         else "no kNN"
     return (f"align / uniform metrics on up to {c.eval.images} held-out images and {knn}, before training and "
-            f"every {every} epoch(s)")
+            f"every {plural(every, 'epoch') if isinstance(every, int) else every + ' epochs'}")
 
 
 def check_rendezvous_port(launch: LaunchConfig, plan: Plan) -> None:
@@ -267,7 +270,7 @@ def check_rendezvous_port(launch: LaunchConfig, plan: Plan) -> None:
 def _check_one_batch(index: FolderIndex, batch_size: int, fix: str) -> None:
     if len(index.samples) < batch_size:
         raise UsageError(
-            f"{index.root} has {len(index.samples)} images, fewer than one global batch "
+            f"{index.root} has {plural(len(index.samples), 'image')}, fewer than one global batch "
             f"(optim.batch_size = {batch_size})",
             hint=f"{fix} or add images.",
         )
@@ -368,7 +371,7 @@ def lincls_dry_run_text(job: LinclsJob) -> str:
     header = "\n".join([
         f"mauctl {__version__} lincls --dry-run: nothing was trained or written.",
         f"encoder: {job.encoder.arch} from {job.encoder.path} ({job.encoder.source})",
-        f"data: {job.data_root}: {len(job.train.classes)} classes, {len(job.train.samples)} train / "
+        f"data: {job.data_root}: {plural(len(job.train.classes), 'class', 'classes')}, {len(job.train.samples):,} train / "
         f"{len(job.val.samples)} val images",
         f"world size: {job.plan.world_size} on {job.plan.device_type}",
         f"protocol: {describe_probe(job.config, len(job.train.samples))}",
@@ -390,9 +393,9 @@ def describe_probe(c: LinclsConfig, train_images: int) -> str:
     elif p.augmented_views == 0:
         how = "cached features of the centre crop, extracted once (report lists it apart)"
     else:
-        how = (f"cached features of {p.augmented_views} training view(s) per image, extracted once "
+        how = (f"cached features of {plural(p.augmented_views, 'training view')} per image, extracted once "
                f"(report lists it apart); the views are {views}")
-    return f"{how}; {steps} steps per epoch; evaluated on the {size}-px centre crop of val/"
+    return f"{how}; {plural(steps, 'step')} per epoch; evaluated on the {size}-px centre crop of val/"
 
 
 def describe_probe_checkpoints(c: LinclsConfig) -> str:

@@ -339,5 +339,5 @@ def test_an_empty_val_class_is_refused_by_the_probe(tmp_path, monkeypatch, no_la
         image.unlink()
     monkeypatch.chdir(tmp_path)
     refused(invoke("lincls", torchvision_weights(tmp_path / "rn18.pt"), data, *PROBE),
-            f"{data / 'val'}: 1 class folder(s) without images: c1")
+            f"{data / 'val'}: 1 class folder without images: c1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "rn18.pt"]

@@ -108,7 +108,7 @@ CASES = [
          "unknown key 'data.max_bad_fractoin' (did you mean 'data.max_bad_fraction'?)"),
     case("pretrain: --workers a word", ["pretrain", "data", "--workers", "many"], "Invalid value for '--workers'"),
     case("pretrain: --device cuda without a GPU", ["pretrain", "data", *SMALL, "--device", "cuda"],
-         "run.device = 'cuda', but 0 CUDA GPU(s) are visible", skip="a GPU is visible" if torch.cuda.is_available()
+         "run.device = 'cuda', but 0 CUDA GPUs visible", skip="a GPU is visible" if torch.cuda.is_available()
          else None),
     # pretrain: conflicts and checkpoints
     case("pretrain: --resume PATH with --overwrite",
@@ -127,7 +127,8 @@ CASES = [
     # lincls
     case("lincls: missing checkpoint", ["lincls", "nowhere.pt", "data"], "nowhere.pt: no such file or directory"),
     case("lincls: not a checkpoint", ["lincls", "notes.txt", "data"], "notes.txt is not a readable checkpoint"),
-    case("lincls: DATA without val/", ["lincls", "weights.pt", "train-only", *PROBE], "train-only/val does not exist"),
+    case("lincls: DATA without val/", ["lincls", "weights.pt", "train-only", *PROBE], "train-only/val does not exist",
+         "The linear probe measures top-1 on train-only/val/<class>/<image>"),
     case("lincls: --epochs a word", ["lincls", "weights.pt", "data", "--epochs", "ten"],
          "Invalid value for '--epochs'"),
     case("lincls: a pretraining option", ["lincls", "weights.pt", "data", "--loss", "align3-unif3"],
@@ -207,6 +208,12 @@ OUTSIDE = [
     pytest.param(["pretrain", "data", "--config", "bad.toml"], "bad.toml:3: TOML syntax error", id="toml-syntax"),
     pytest.param(["pretrain", "data", *SMALL, "--epochs", "1", "--rdzv-endpoint", "127.0.0.1:{port}"],
                  "port {port} is already in use", id="port-in-use"),
+    # the command line's own errors: the same one-line form as mauctl's, no box, exit 2
+    pytest.param(["pretrain", "data", "-b", "16"], "error: No such option: -b Run 'mauctl pretrain --help' for the "
+                 "options.", id="unknown-short-option"),
+    pytest.param(["pretrain", "data", "--epochs", "ten"], "error: Invalid value for '--epochs'", id="not-a-number"),
+    pytest.param(["lincls"], "error: Missing argument 'SOURCE'. Run 'mauctl lincls --help'", id="missing-argument"),
+    pytest.param(["pretrian"], "error: No such command 'pretrian'", id="unknown-command"),
 ]
 
 
@@ -216,5 +223,11 @@ def test_a_real_process_exits_2_without_a_traceback(args, fragment, workspace, b
     result = run_mauctl(*[a.format(port=busy_port) for a in args], cwd=workspace, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert fragment.format(port=busy_port) in " ".join(result.stderr.split())
-    assert "Traceback" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr and "╭" not in result.stderr
     assert listing(workspace) == before
+
+
+def test_debug_adds_the_traceback_and_keeps_the_exit_status(workspace):
+    result = run_mauctl("--debug", "lincls", "notes.txt", "data", cwd=workspace, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" in result.stderr and "error: notes.txt is not a readable checkpoint" in result.stderr

@@ -114,8 +114,10 @@ def test_dry_run_output_passed_back_with_config_is_the_same_config(preset, loss,
     first, stdout = dry_run("--preset", preset, "--loss", loss)
     second, stdout2 = save_and_rerun(stdout, tmp_path / "resolved.toml")
     assert second == first
+    assert first["preset"] == {"command": "pretrain", "base": preset}  # the file says which preset it is ...
+    assert f"preset: {preset}; loss column: {loss}" in plan_lines(stdout2)  # ... and a run of it says so too
     assert load_config("pretrain", config_file=tmp_path / "resolved.toml", environ={}).config == \
-        PretrainConfig.model_validate(first)
+        PretrainConfig.model_validate({k: v for k, v in first.items() if k != "preset"})
     assert first["run"]["out"] == f"runs/{preset}_{loss}"
     config_text = [line for line in stdout.splitlines() if not line.startswith("#")]
     assert [line for line in stdout2.splitlines() if not line.startswith("#")] == config_text
@@ -148,7 +150,8 @@ def test_round_trip_with_overrides_and_tricky_folder_names(name, tmp_path, cwd):
         (["--lr", "-1"], None, ["optim.lr = -1.0", "greater than 0"]),
         (["--lr", "0"], None, ["optim.lr = 0.0", "greater than 0"]),
         (["--epochs", "0"], None, ["optim.epochs = 0", "greater than or equal to 1"]),
-        (["--set", "model.queue_size=1000"], None, ["model.queue_size 1000", "multiple", "batch_size 256"]),
+        (["--set", "model.queue_size=1000"], None, ["model.queue_size 1000", "multiple", "batch_size 256",
+                                                     "use --batch-size 250 or 500, or --set model.queue_size=768"]),
         (["--nproc-per-node", "3", "--device", "cpu"], None,
          ["optim.batch_size = 256 is not divisible by the world size 3"]),
         (["--loss", "contr-t0.07", "--set", "loss.contr_w=0"], None,
@@ -202,11 +205,10 @@ def test_a_real_run_is_refused_too_before_writing_anything(cwd):
     assert_usage_error(mauctl("pretrain", "--lr", "-1"), cwd, "optim.lr = -1.0")
 
 
-def test_debug_shows_the_exception(cwd):
+def test_debug_shows_the_traceback_and_keeps_exit_status_2(cwd):
     result = mauctl("--debug", "pretrain", "--dry-run", "--lr", "-1")
-    assert isinstance(result.exception, UsageError)
-    assert "optim.lr = -1.0" in str(result.exception)
-    assert result.exc_info is not None and result.exc_info[2] is not None  # a traceback to show
+    assert result.exit_code == 2, result.output
+    assert "Traceback" in result.stderr and "UsageError" in result.stderr and "optim.lr = -1.0" in result.stderr
     assert list(cwd.iterdir()) == []
 
 
@@ -219,8 +221,8 @@ def test_dry_run_counts_classes_images_and_steps(tmp_path, cwd):
                             "--device", "cpu")
     plan = plan_lines(stdout)
     assert f"data: {data / 'train'}: 3 classes, 36 images, 4 steps per epoch (800 in all)" in plan
-    assert "world size: 1 = 1 node(s) x 1 process(es) on cpu" in plan
-    assert "batch: global 8, per process 8, 1 BatchNorm group(s) of 8 per process" in plan
+    assert "world size: 1 = 1 node x 1 process on cpu" in plan
+    assert "batch: global 8, per process 8, 1 BatchNorm group of 8 per process" in plan
     assert "LR schedule: 0.03, x0.1 from epoch 120, 160, 200 epochs" in plan
     assert "preset: v1-b256; loss column: align3-unif3" in plan
     assert table["data"]["root"] == str(data)
@@ -237,11 +239,11 @@ def test_dry_run_shows_the_cosine_schedule_for_v2(tmp_path, cwd):
     "sets, line",
     [
         ((), "checkpoints: last.pt after every epoch, every 30 minutes within one, and on a stop signal; "
-             "epoch_NNNN.pt kept every 20 epoch(s)"),
+             "epoch_NNNN.pt kept every 20 epochs"),
         (("run.save_minutes=0", "run.save_every=0"), "checkpoints: last.pt after every epoch, not within one, "
                                                       "and on a stop signal; no others kept"),
         (("run.save_minutes=7.5",), "checkpoints: last.pt after every epoch, every 7.5 minutes within one, "
-                                    "and on a stop signal; epoch_NNNN.pt kept every 20 epoch(s)"),
+                                    "and on a stop signal; epoch_NNNN.pt kept every 20 epochs"),
     ],
 )
 def test_plan_says_when_checkpoints_are_written(sets, line, cwd):
@@ -252,20 +254,20 @@ def test_plan_says_when_checkpoints_are_written(sets, line, cwd):
 @pytest.mark.parametrize(
     "args, world, batch",
     [
-        (["--preset", "v1-b256"], "world size: 1 = 1 node(s) x 1 process(es) on cpu",
-         "batch: global 256, per process 256, 8 BatchNorm group(s) of 32 per process"),
-        (["--preset", "v1-b128"], "world size: 1 = 1 node(s) x 1 process(es) on cpu",
-         "batch: global 128, per process 128, 4 BatchNorm group(s) of 32 per process"),
-        (["--preset", "v1-b256", "--nproc-per-node", "2"], "world size: 2 = 1 node(s) x 2 process(es) on cpu",
-         "batch: global 256, per process 128, 4 BatchNorm group(s) of 32 per process"),
-        (["--preset", "v1-b256", "--nproc-per-node", "8"], "world size: 8 = 1 node(s) x 8 process(es) on cpu",
-         "batch: global 256, per process 32, 1 BatchNorm group(s) of 32 per process"),
+        (["--preset", "v1-b256"], "world size: 1 = 1 node x 1 process on cpu",
+         "batch: global 256, per process 256, 8 BatchNorm groups of 32 per process"),
+        (["--preset", "v1-b128"], "world size: 1 = 1 node x 1 process on cpu",
+         "batch: global 128, per process 128, 4 BatchNorm groups of 32 per process"),
+        (["--preset", "v1-b256", "--nproc-per-node", "2"], "world size: 2 = 1 node x 2 processes on cpu",
+         "batch: global 256, per process 128, 4 BatchNorm groups of 32 per process"),
+        (["--preset", "v1-b256", "--nproc-per-node", "8"], "world size: 8 = 1 node x 8 processes on cpu",
+         "batch: global 256, per process 32, 1 BatchNorm group of 32 per process"),
         (["--preset", "v1-b256", "--set", "model.bn_splits=2"],
-         "world size: 1 = 1 node(s) x 1 process(es) on cpu",
-         "batch: global 256, per process 256, 2 BatchNorm group(s) of 128 per process"),
+         "world size: 1 = 1 node x 1 process on cpu",
+         "batch: global 256, per process 256, 2 BatchNorm groups of 128 per process"),
         (["--preset", "v1-b256", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "head:29500",
-          "--nproc-per-node", "4"], "world size: 8 = 2 node(s) x 4 process(es) on cpu",
-         "batch: global 256, per process 32, 1 BatchNorm group(s) of 32 per process"),
+          "--nproc-per-node", "4"], "world size: 8 = 2 nodes x 4 processes on cpu",
+         "batch: global 256, per process 32, 1 BatchNorm group of 32 per process"),
     ],
 )
 def test_plan_shows_world_size_batches_and_bn_groups(args, world, batch, cwd):
@@ -278,9 +280,9 @@ def test_plan_inside_a_torchrun_worker_uses_its_world_size(cwd):
     env = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
     _, stdout = dry_run("--preset", "v1-b256", "--device", "cpu", env=env)
     plan = plan_lines(stdout)
-    assert "world size: 4 = 1 node(s) x 4 process(es) on cpu (inside an existing torchrun/SLURM worker)" \
+    assert "world size: 4 = 1 node x 4 processes on cpu (inside an existing torchrun/SLURM worker)" \
         in plan
-    assert "batch: global 256, per process 64, 2 BatchNorm group(s) of 32 per process" in plan
+    assert "batch: global 256, per process 64, 2 BatchNorm groups of 32 per process" in plan
 
 
 @pytest.mark.parametrize("per_process, groups", [(256, 8), (128, 4), (64, 2), (32, 1), (48, 1), (100, 2),
@@ -312,7 +314,7 @@ def test_empty_class_folder_is_named(tmp_path, cwd):
     data = make_image_folder(tmp_path / "pets")
     (data / "train" / "empty_class").mkdir()
     result = mauctl("pretrain", "--dry-run", data, "--batch-size", "8", "--set", "model.queue_size=64")
-    assert_usage_error(result, cwd, "1 class folder(s) without images: empty_class")
+    assert_usage_error(result, cwd, "1 class folder without images: empty_class")
 
 
 def test_fewer_images_than_one_batch(tmp_path, cwd):
@@ -352,14 +354,45 @@ def test_pretrain_help_uses_the_config_descriptions():
     text = flat(mauctl("pretrain", "--help", env={"COLUMNS": "200"}).output)
     for key in ("epochs", "lr", "batch_size"):
         description = OptimConfig.model_fields[key].description
-        assert flat(description) in text
+        assert flat(description).rstrip(".") in text
 
 
 def test_pretrain_help_names_the_config_key_and_default():
     text = flat(mauctl("pretrain", "--help", env={"COLUMNS": "200"}).output)
-    assert "optim.epochs; default 200" in text
+    assert "optim.epochs, default 200." in text
 
 
 def test_malformed_env_list_exits_2(cwd):
     result = mauctl("pretrain", "--dry-run", env={"MAUCTL_OPTIM__SCHEDULE": "30,40"})
     assert_usage_error(result, cwd, "MAUCTL_OPTIM__SCHEDULE")
+
+
+def test_one_of_anything_is_singular(tmp_path, cwd):
+    data = make_image_folder(tmp_path / "pets", classes=2, per_class=4)
+    _, stdout = dry_run(data, "--batch-size", "8", "--set", "model.queue_size=64", "--epochs", "1",
+                        "--set", "eval.every=1", "--set", "run.save_every=1", "--device", "cpu")
+    plan = "\n".join(plan_lines(stdout))
+    assert "2 classes, 8 images, 1 step per epoch (1 in all)" in plan
+    assert "LR schedule: 0.03, x0.1 from epoch" not in plan and "constant 0.03" in plan and ", 1 epoch\n" in plan
+    assert "every 1 epoch" in plan and "kept every 1 epoch" in plan
+    assert not any(word in plan for word in ("(s)", "1 epochs", "1 steps", "1 classes", "1 images"))
+
+
+@pytest.mark.parametrize("command", ["pretrain", "lincls", "bench", "export", "report", "subset", "presets", "demo"])
+def test_help_reads_like_a_usual_command_line_at_80_columns(command):
+    """No type placeholders such as <bool> or <list[str]>, no {argument}, no option forms that don't exist."""
+    text = mauctl(command, "--help", env={"COLUMNS": "80"}).output
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    for oddity in ("<bool>", "<list", "<str>", "<int>", "{", "[-b]", "[-a]", "[--"):
+        assert oddity not in text, (oddity, text)
+
+
+def test_help_lists_every_preset_of_the_command():
+    from mauctl.presets import all_presets
+
+    for command in ("pretrain", "lincls"):
+        text = flat(mauctl(command, "--help", env={"COLUMNS": "200"}).output)
+        for p in all_presets():
+            assert (p.name in text) == (p.command == command or p.name in ("lincls",)) or p.command != command, p
+        assert all(p.name in text for p in all_presets() if p.command == command), text
+    assert "Usage: mauctl lincls [OPTIONS] SOURCE [DATA]" in flat(mauctl("lincls", "--help").output)

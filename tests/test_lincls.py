@@ -214,7 +214,7 @@ def test_dry_run_prints_the_probe_config_and_writes_nothing(tiny_images, tmp_pat
                                       "--batch-size", "16", "--set", "lincls.cached_features=true",
                                       "--set", "lincls.augmented_views=2", "--set", "lincls.flip=false",
                                       "--set", "lincls.crop_scale=0.5"])
-    assert ("# protocol: cached features of 2 training view(s) per image, extracted once (report lists it apart); "
+    assert ("# protocol: cached features of 2 training views per image, extracted once (report lists it apart); "
             "the views are random crops of 50% to 100% of the image, never mirrored; 3 steps per epoch; "
             "evaluated on the 32-px centre crop of val/\n") in cached.stdout
     config = tomllib.loads(result.stdout)

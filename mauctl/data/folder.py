@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mauctl.errors import UsageError
+from mauctl.text import plural
 
+SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -40,15 +42,22 @@ def scan_split(data_root: Path | str, split: str) -> FolderIndex:
     if not root.is_dir():
         flat = any(is_image(e.name) for e in os.scandir(data_root) if e.is_file())
         subdirs = sorted(e.name for e in os.scandir(data_root) if e.is_dir())
-        hint = f"Expected {data_root}/{split}/<class>/<image>"
-        if subdirs and not flat:
-            hint += f"; {data_root} holds class-like folders ({', '.join(subdirs[:3])}…): pass their parent's parent, or move them under {split}/"
+        splits = [d for d in subdirs if d in SPLITS]
+        if split == "val" and splits:
+            hint = (f"The linear probe measures top-1 on {data_root}/val/<class>/<image>: held-out images of "
+                    f"the classes in {data_root}/{splits[0]}/, one folder per class")
+        else:
+            hint = f"Expected {data_root}/{split}/<class>/<image>"
+            if subdirs and not flat and not splits:
+                hint += (f"; {data_root} holds class-like folders ({', '.join(subdirs[:3])}"
+                         f"{', …' if len(subdirs) > 3 else ''}): pass the folder above {data_root}, "
+                         f"or move them under {data_root}/{split}/")
         raise UsageError(f"{root} does not exist", hint=hint + ".")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         loose = sum(1 for e in os.scandir(root) if e.is_file() and is_image(e.name))
         raise UsageError(
-            f"{root} has no class folders" + (f" ({loose} images lie directly in it)" if loose else ""),
+            f"{root} has no class folders" + (f" ({plural(loose, 'image')} directly in it)" if loose else ""),
             hint=f"Expected {root}/<class>/<image>, one folder per class.",
         )
     samples: list[tuple[str, int]] = []
@@ -60,7 +69,7 @@ def scan_split(data_root: Path | str, split: str) -> FolderIndex:
         samples += [(path, label) for path in found]
     if empty:
         shown = ", ".join(empty[:20]) + (f" and {len(empty) - 20} more" if len(empty) > 20 else "")
-        raise UsageError(f"{root}: {len(empty)} class folder(s) without images: {shown}",
+        raise UsageError(f"{root}: {plural(len(empty), 'class folder')} without images: {shown}",
                          hint="Remove the empty folders or add images to them.")
     return FolderIndex(root, classes, samples)
 

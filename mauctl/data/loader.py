@@ -243,10 +243,28 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def make_loader(dataset: Dataset, sampler: Sampler, workers: int, pin_memory: bool,
+AUTO_WORKERS_MAX = 8
+
+
+def worker_count(workers: int | str) -> int:
+    """data.workers, with "auto" = this process's share of the CPU cores it may run on, 1 to AUTO_WORKERS_MAX.
+
+    The share counts the processes torchrun started on this node (LOCAL_WORLD_SIZE): on 2 cores, one
+    training process gets 2 workers, two get 1 each (more only compete for the cores, and torch warns).
+    """
+    if workers != "auto":
+        return int(workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(AUTO_WORKERS_MAX, cores // max(processes, 1)))
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, workers: int | str, pin_memory: bool,
                 batch_size: int | None = None, persistent: bool = True,
                 collate_fn: Callable[[list[tuple]], Any] = collate) -> DataLoader:
-    """``persistent``: keep the worker processes between epochs (not for a loader read once in a while)."""
+    """``workers``: data.workers ("auto" allowed); ``persistent``: keep the worker processes between epochs
+    (not for a loader read once in a while)."""
+    workers = worker_count(workers)
     return DataLoader(
         dataset,
         batch_size=batch_size or sampler.per_rank,

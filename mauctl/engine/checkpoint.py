@@ -62,6 +62,7 @@ from mauctl.engine import faults
 from mauctl.engine.rundir import RunDir
 from mauctl.engine.runtime import restarted, rng_state
 from mauctl.errors import RunError
+from mauctl.text import plural
 
 PRETRAIN_FORMAT = "mauctl.pretrain/2"
 LINCLS_FORMAT = "mauctl.lincls/1"
@@ -240,7 +241,7 @@ def resume_checkpoint(run: RunDir, resume: str, runtime: Any, fmt: str) -> tuple
             resume = "auto"
         leftovers = remove_partial_files(run.checkpoints)
         if leftovers:
-            print(f"removed {len(leftovers)} partial file(s) left in {run.checkpoints} by an interrupted save: "
+            print(f"removed {plural(len(leftovers), 'partial file')} left in {run.checkpoints} by an interrupted save: "
                   + ", ".join(p.name for p in leftovers))
         try:
             path, ckpt = pick(run, resume, log=print)

@@ -106,10 +106,11 @@ class Reporter:
 
     BAR = 12  # characters of the bar
 
-    def __init__(self, enabled: bool, title: str, log: MetricsLog | None, epochs: int) -> None:
+    def __init__(self, enabled: bool, title: str, log: MetricsLog | None, epochs: int,
+                 console: Console | None = None) -> None:
         self.enabled, self.title, self.log, self.epochs = enabled, title, log, epochs
-        self.interactive = enabled and sys.stdout.isatty()
-        self.console = Console(soft_wrap=True)
+        self.console = console or Console(soft_wrap=True)
+        self.interactive = enabled and self.console.is_terminal
         self._progress: Progress | None = None
         self._task = None
         self.epoch, self.steps, self.first = 0, 0, 0
