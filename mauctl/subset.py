@@ -24,6 +24,10 @@ from mauctl.presets import resource_text
 __all__ = ["SplitSummary", "make_subset"]
 
 LINK_MODES = ("symlink", "hardlink", "copy")
+# What each link mode creates, one per class folder (symlink) or per file (hardlink, copy): the unit
+# of a summary's "created" and "already there" counts, singular and plural.
+ENTRY_NAMES = {"symlink": ("class symlink", "class symlinks"), "hardlink": ("hard link", "hard links"),
+               "copy": ("file copy", "file copies")}
 BUNDLED_CLASSES = "imagenet100_classes.txt"
 WNID = re.compile(r"n[0-9]{8}")  # [0-9], not \d: \d also matches non-ASCII digits
 # Split folders a destination may never lie in, even when they are not among the requested splits.
@@ -35,11 +39,19 @@ MAX_LISTED = 1000
 
 @dataclass(frozen=True)
 class SplitSummary:
+    """One split: its classes and images, and how many entries of ``link`` mode were created or already there."""
+
     split: str
     classes: int
     images: int
     created: int
     existing: int
+    link: str
+
+    def entries(self, count: int) -> str:
+        """``count`` with its unit: '100 class symlinks', '1 hard link', '0 file copies'."""
+        singular, plural = ENTRY_NAMES[self.link]
+        return f"{count} {singular if count == 1 else plural}"
 
 
 @dataclass(frozen=True)
@@ -98,7 +110,7 @@ def make_subset(imagenet_dir: Path, subset_dir: Path, *, classes_file: Path | No
         problems += _check_free_space(subset_dir, plans)
     _refuse_if(problems)
     _build(subset_dir, plans, link)
-    return [SplitSummary(p.split, p.classes, p.images, p.created, p.existing) for p in plans]
+    return [SplitSummary(p.split, p.classes, p.images, p.created, p.existing, link) for p in plans]
 
 
 # ---------------------------------------------------------------- arguments

@@ -22,6 +22,8 @@ IMAGENET100 = resource_text("imagenet100_classes.txt").split()
 EXTRA = ["n00000001", "n00000002", "n00000003"]  # in the fake ImageNet, not in ImageNet-100
 ALL_CLASSES = IMAGENET100 + EXTRA
 IMAGES_PER_CLASS = {"train": 2, "val": 1}
+# What the summary counts in each link mode: one symlink per class folder, or one entry per file.
+UNITS = {"symlink": "class symlinks", "hardlink": "hard links", "copy": "file copies"}
 
 
 def _jpeg() -> bytes:
@@ -64,9 +66,9 @@ def snapshot(root: Path) -> dict[str, object]:
     return entries
 
 
-def summary_row(output: str, split: str, *numbers: int) -> bool:
-    """Whether the summary table has a row ``split | numbers...``."""
-    pattern = re.escape(split) + "".join(rf"\W+{n}" for n in numbers) + r"\b"
+def summary_row(output: str, split: str, *cells: int | str) -> bool:
+    """Whether the summary table has a row ``split | cells...`` (numbers, or counts with their unit)."""
+    pattern = re.escape(split) + "".join(rf"\W+{re.escape(str(cell))}" for cell in cells) + r"\b"
     return re.search(pattern, output) is not None
 
 
@@ -94,24 +96,35 @@ def test_default_links_every_imagenet100_class_folder(imagenet: Path, tmp_path: 
             link = destination / split / wnid
             assert link.is_symlink()
             assert os.readlink(link) == str((imagenet / split / wnid).resolve())
-    assert summary_row(result.output, "train", 100, 200, 100, 0), result.output
-    assert summary_row(result.output, "val", 100, 100, 100, 0), result.output
+    assert summary_row(result.output, "train", 100, 200, "100 class symlinks", "0 class symlinks"), result.output
+    assert summary_row(result.output, "val", 100, 100, "100 class symlinks", "0 class symlinks"), result.output
 
 
-def test_rerun_creates_nothing_and_succeeds(imagenet: Path, tmp_path: Path) -> None:
+# (link mode, entries per split): one symlink per class folder, or one hard link or copy per file
+@pytest.mark.parametrize("link, entries", [
+    ("symlink", {"train": 100, "val": 100}), ("hardlink", {"train": 200, "val": 100}),
+    ("copy", {"train": 200, "val": 100}),
+])
+def test_summary_counts_what_the_mode_creates_and_a_rerun_creates_nothing(
+        imagenet: Path, tmp_path: Path, link: str, entries: dict[str, int]) -> None:
     destination = tmp_path / "in100"
-    assert subset(imagenet, destination).exit_code == 0
+    unit = UNITS[link]
+    first = subset(imagenet, destination, "--link", link)
+    assert first.exit_code == 0, first.output
     before = snapshot(destination)
-    result = subset(imagenet, destination)
-    assert result.exit_code == 0, result.output
-    assert summary_row(result.output, "train", 100, 200, 0, 100), result.output
-    assert summary_row(result.output, "val", 100, 100, 0, 100), result.output
+    rerun = subset(imagenet, destination, "--link", link)
+    assert rerun.exit_code == 0, rerun.output
+    for split, images in (("train", 200), ("val", 100)):
+        created = f"{entries[split]} {unit}"
+        assert summary_row(first.output, split, 100, images, created, f"0 {unit}"), first.output
+        assert summary_row(rerun.output, split, 100, images, f"0 {unit}", created), rerun.output
     assert snapshot(destination) == before
 
 
 def test_make_subset_reports_per_split_summaries(imagenet: Path, tmp_path: Path) -> None:
     summaries = make_subset(imagenet, tmp_path / "in100", splits=["val"])
-    assert summaries == [SplitSummary("val", classes=100, images=100, created=100, existing=0)]
+    assert summaries == [SplitSummary("val", classes=100, images=100, created=100, existing=0, link="symlink")]
+    assert summaries[0].entries(100) == "100 class symlinks" and summaries[0].entries(1) == "1 class symlink"
 
 
 def _source_files(imagenet: Path, split: str, wnid: str) -> list[Path]:
@@ -127,9 +140,6 @@ def test_hardlink_mode_links_every_file(imagenet: Path, tmp_path: Path) -> None:
         assert class_dir.is_dir() and not class_dir.is_symlink()
         for source in _source_files(imagenet, "train", wnid):
             assert os.path.samestat(source.stat(), (class_dir / source.name).lstat())
-    assert summary_row(result.output, "train", 100, 200, 200, 0), result.output
-    rerun = subset(imagenet, destination, "--link", "hardlink")
-    assert summary_row(rerun.output, "train", 100, 200, 0, 200), rerun.output
 
 
 def test_copy_mode_copies_every_file(imagenet: Path, tmp_path: Path) -> None:
@@ -142,8 +152,6 @@ def test_copy_mode_copies_every_file(imagenet: Path, tmp_path: Path) -> None:
             assert not copy.is_symlink()
             assert copy.read_bytes() == source.read_bytes()
             assert not os.path.samestat(source.stat(), copy.stat())
-    assert summary_row(result.output, "val", 100, 100, 100, 0), result.output
-    assert summary_row(subset(imagenet, destination, "--link", "copy").output, "val", 100, 100, 0, 100)
 
 
 def test_hardlink_mode_adds_missing_files_and_keeps_extra_ones(imagenet: Path, tmp_path: Path) -> None:
@@ -155,7 +163,7 @@ def test_hardlink_mode_adds_missing_files_and_keeps_extra_ones(imagenet: Path, t
     (class_dir / "notes.txt").write_text("mine")
     result = subset(imagenet, tmp_path / "in100", "--link", "hardlink", "--splits", "train")
     assert result.exit_code == 0, result.output
-    assert summary_row(result.output, "train", 100, 200, 199, 1), result.output
+    assert summary_row(result.output, "train", 100, 200, "199 hard links", "1 hard link"), result.output
     assert (class_dir / "notes.txt").read_text() == "mine"
 
 
@@ -199,8 +207,8 @@ def test_custom_class_list(imagenet: Path, tmp_path: Path) -> None:
     result = subset(imagenet, tmp_path / "mine", "--classes", classes)
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(tmp_path / "mine" / "train")) == sorted(chosen)
-    assert summary_row(result.output, "train", 3, 6, 3, 0), result.output
-    assert summary_row(result.output, "val", 3, 3, 3, 0), result.output
+    assert summary_row(result.output, "train", 3, 6, "3 class symlinks", "0 class symlinks"), result.output
+    assert summary_row(result.output, "val", 3, 3, "3 class symlinks", "0 class symlinks"), result.output
 
 
 def test_malformed_ids_are_all_listed_with_line_numbers(imagenet: Path, tmp_path: Path) -> None:
@@ -301,7 +309,7 @@ def test_link_pointing_elsewhere_needs_force(imagenet: Path, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     assert os.readlink(link) == str((imagenet / "train" / wnid).resolve())
     assert (elsewhere / "keep.JPEG").read_bytes() == b"not mine to delete"
-    assert summary_row(result.output, "train", 100, 200, 100, 0), result.output
+    assert summary_row(result.output, "train", 100, 200, "100 class symlinks", "0 class symlinks"), result.output
 
 
 def _real_folder(path: Path) -> None:
