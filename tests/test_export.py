@@ -407,8 +407,8 @@ def test_bad_values_and_sources_are_named(run_v2, tmp_path):
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--format", "pickle", "--format 'pickle': expected one of safetensors, torchvision, torchscript, onnx"),
-    ("--format", "ONXX", "--format 'ONXX': expected one of safetensors, torchvision, torchscript, onnx; "
-                         "did you mean 'onnx'?"),
+    ("--format", "ONXX", ("--format 'ONXX': expected one of safetensors, torchvision, torchscript, onnx; "
+                          "did you mean 'onnx'?")),
     ("--head", "mpl", "--head 'mpl': expected one of none, mlp, linear; did you mean 'mlp'?"),
 ])
 def test_an_unknown_choice_lists_the_valid_ones_once(tmp_path, flag, value, message):
