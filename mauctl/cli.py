@@ -340,8 +340,8 @@ def subset(
     table = Table(title=f"{subset_dir}", title_justify="left")
     for name in ("split", "classes", "images", "created", "already there"):
         table.add_column(name, justify="left" if name == "split" else "right")
-    for s in summaries:
-        table.add_row(s.split, str(s.classes), str(s.images), str(s.created), str(s.existing))
+    for s in summaries:  # created and already there with their unit: symlink mode counts class folders, the others files
+        table.add_row(s.split, str(s.classes), str(s.images), s.entries(s.created), s.entries(s.existing))
     out.print(table)
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from mauctl import __version__, files
 from mauctl.backbone import build_encoder, last_linear
 from mauctl.engine import checkpoint
-from mauctl.errors import MauctlError, RunError, UsageError, did_you_mean
+from mauctl.errors import MauctlError, RunError, UsageError, closest
 from mauctl.weights import Encoder, head_prefix, infer_arch, read_encoder
 
 FORMAT = "mauctl.export/1"
@@ -447,9 +447,13 @@ def _load_torchvision(state: dict, arch: str | None, path: Path) -> nn.Module:
 
 
 def _choice(value: str, choices: tuple[str, ...], flag: str) -> str:
-    if value.lower() not in choices:
-        raise UsageError(f"{flag} {value!r}: not one of {', '.join(choices)} ({did_you_mean(value.lower(), choices)})")
-    return value.lower()
+    """``value`` in lower case when it is one of ``choices``; else a UsageError that lists them once."""
+    chosen = value.lower()
+    if chosen in choices:
+        return chosen
+    match = closest(chosen, choices)
+    suggestion = f"; did you mean '{match}'?" if match else ""
+    raise UsageError(f"{flag} {value!r}: expected one of {', '.join(choices)}{suggestion}")
 
 
 def _require_format(fmt: str) -> None:

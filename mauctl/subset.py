@@ -24,6 +24,10 @@ from mauctl.presets import resource_text
 __all__ = ["SplitSummary", "make_subset"]
 
 LINK_MODES = ("symlink", "hardlink", "copy")
+# What each link mode creates, one per class folder (symlink) or per file (hardlink, copy): the unit
+# of a summary's "created" and "already there" counts, singular and plural.
+ENTRY_NAMES = {"symlink": ("class symlink", "class symlinks"), "hardlink": ("hard link", "hard links"),
+               "copy": ("file copy", "file copies")}
 BUNDLED_CLASSES = "imagenet100_classes.txt"
 WNID = re.compile(r"n[0-9]{8}")  # [0-9], not \d: \d also matches non-ASCII digits
 # Split folders a destination may never lie in, even when they are not among the requested splits.
@@ -35,11 +39,19 @@ MAX_LISTED = 1000
 
 @dataclass(frozen=True)
 class SplitSummary:
+    """One split's classes and images, and how many entries of ``link`` mode were created or already there."""
+
     split: str
     classes: int
     images: int
     created: int
     existing: int
+    link: str
+
+    def entries(self, count: int) -> str:
+        """``count`` with its unit: '100 class symlinks', '1 hard link', '0 file copies'."""
+        singular, plural = ENTRY_NAMES[self.link]
+        return f"{count} {singular if count == 1 else plural}"
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,7 @@ class SplitPlan:
     stale_links: list[str] = field(default_factory=list)
     in_the_way: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    other_filesystem: list[str] = field(default_factory=list)
     bytes_to_copy: int = 0
 
     @property
@@ -93,12 +106,12 @@ def make_subset(imagenet_dir: Path, subset_dir: Path, *, classes_file: Path | No
     if not destination_problems:
         for split in image_counts:
             plan = _plan_split(imagenet_dir, subset_dir, split, image_counts[split], link, force)
-            problems += _plan_problems(plan, subset_dir / split)
+            problems += _plan_problems(plan, subset_dir / split, link)
             plans.append(plan)
         problems += _check_free_space(subset_dir, plans)
     _refuse_if(problems)
     _build(subset_dir, plans, link)
-    return [SplitSummary(p.split, p.classes, p.images, p.created, p.existing) for p in plans]
+    return [SplitSummary(p.split, p.classes, p.images, p.created, p.existing, link) for p in plans]
 
 
 # ---------------------------------------------------------------- arguments
@@ -335,7 +348,7 @@ def _kind(path: Path) -> str:
 def _plan_split(root: Path, subset_dir: Path, split: str, image_counts: dict[str, int], link: str,
                 force: bool) -> SplitPlan:
     plan = SplitPlan(split, classes=len(image_counts), images=sum(image_counts.values()))
-    planner = _Planner(plan, link, force)
+    planner = _Planner(plan, link, force, _device(_nearest_existing(subset_dir / split)))
     for wnid in image_counts:
         planner.class_folder(root / split / wnid, subset_dir / split / wnid)
     return plan
@@ -344,8 +357,9 @@ def _plan_split(root: Path, subset_dir: Path, split: str, image_counts: dict[str
 class _Planner:
     """Compares each destination entry with what ``link`` mode would put there and records the steps."""
 
-    def __init__(self, plan: SplitPlan, link: str, force: bool) -> None:
+    def __init__(self, plan: SplitPlan, link: str, force: bool, destination_device: int) -> None:
         self.plan, self.link, self.force = plan, link, force
+        self.destination_device = destination_device
 
     def class_folder(self, source: Path, target: Path) -> None:
         if self.link == "symlink":
@@ -406,7 +420,8 @@ class _Planner:
         if kind == "link" and not self._may_replace_link(target):
             return
         if kind in ("absent", "link"):
-            self._add_file(Step(source, target, replaces_link=kind == "link"), source_stat)
+            step = Step(self._file_to_link(source), target, replaces_link=kind == "link")
+            self._add_file(step, source_stat)
         elif kind == "dir":
             self.plan.in_the_way.append(f"{target} (a real folder where a file belongs)")
         elif self._same_file(source_stat, os.lstat(target)):
@@ -414,7 +429,23 @@ class _Planner:
         else:
             self.plan.in_the_way.append(f"{target} ({self._difference(source)})")
 
+    def _file_to_link(self, source: Path) -> Path:
+        """The file a hard link to ``source`` must name: where a source symlink leads, not the symlink.
+
+        Linux's link(2) links a symlink itself, and os.link calls it whatever follow_symlinks says
+        (python/cpython#81793, until Python 3.14): the "hard link" would be one more symlink, which a
+        rerun would take for a link we did not make.
+        """
+        if self.link == "hardlink" and source.is_symlink():
+            return Path(os.path.realpath(source))
+        return source
+
     def _add_file(self, step: Step, source_stat: os.stat_result) -> None:
+        if self.link == "hardlink" and source_stat.st_dev != self.destination_device:
+            # a split folder on another filesystem is refused before planning: this is a file
+            # reached through a symlink (to it or to its folder) or a mount point
+            self.plan.other_filesystem.append(os.path.realpath(step.source))
+            return
         self.plan.steps.append(step)
         if self.link == "copy":
             self.plan.bytes_to_copy += source_stat.st_size
@@ -441,13 +472,16 @@ def _kind_name(kind: str) -> str:
     return "folder" if kind == "dir" else "file"
 
 
-def _plan_problems(plan: SplitPlan, split_dir: Path) -> list[Problem]:
+def _plan_problems(plan: SplitPlan, split_dir: Path, link: str) -> list[Problem]:
     problems = []
     if plan.stale_links:
+        # in symlink mode a link to the right class folder is already there, so these point elsewhere;
+        # the other modes make real folders and files, so any symlink is in the way, wherever it points
+        where = ("point elsewhere" if link == "symlink"
+                 else f"stand where --link {link} puts real folders and files")
         problems.append(Problem(
-            f"{len(plan.stale_links)} symlink(s) in {split_dir} point elsewhere:\n"
-            + _listing(plan.stale_links),
-            hint="--force replaces symlinks that point elsewhere (their targets are left alone); "
+            f"{len(plan.stale_links)} symlink(s) in {split_dir} {where}:\n" + _listing(plan.stale_links),
+            hint="--force replaces those symlinks (what they point to is left alone); "
                  "or remove those links yourself."))
     if plan.in_the_way:
         problems.append(Problem(
@@ -460,6 +494,12 @@ def _plan_problems(plan: SplitPlan, split_dir: Path) -> list[Problem]:
         problems.append(Problem(
             f"{len(plan.unreadable)} source entries cannot be read:\n" + _listing(plan.unreadable),
             hint="Fix their permissions or broken links in the ImageNet folder, then rerun."))
+    if plan.other_filesystem:
+        problems.append(Problem(
+            f"{len(plan.other_filesystem)} source file(s), reached through symlinks, lie on another "
+            f"filesystem than {split_dir}, and hard links cannot cross filesystems:\n"
+            + _listing(plan.other_filesystem),
+            hint="Use --link symlink or copy, or put SUBSET_DIR on the filesystem those files are on."))
     return problems
 
 

@@ -124,7 +124,7 @@ def test_eval_transform_resizes_shorter_side_to_256_then_crops_224():
 
 
 def test_blur_sigma_is_uniform_between_0_1_and_2():
-    blur = RandomGaussianBlur()
+    blur = RandomGaussianBlur((0.1, 2.0))
     torch.manual_seed(0)
     sigmas = [blur.draw_sigma() for _ in range(2000)]
     assert min(sigmas) >= 0.1 and max(sigmas) <= 2.0
@@ -133,7 +133,7 @@ def test_blur_sigma_is_uniform_between_0_1_and_2():
 
 def test_blur_draws_sigma_from_torch_and_blurs():
     board = checkerboard()
-    blur = RandomGaussianBlur()
+    blur = RandomGaussianBlur((0.1, 2.0))
     torch.manual_seed(3)
     sigma = blur.draw_sigma()
     torch.manual_seed(3)

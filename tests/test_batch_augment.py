@@ -18,6 +18,7 @@ A rate from n draws with probability p has standard deviation sqrt(p (1 - p) / n
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 
@@ -30,7 +31,7 @@ from torchvision.transforms import functional as TVF
 
 from conftest import write_image_folder
 from mauctl.data import batch_augment as ba
-from mauctl.data.augment import MEAN, STD, RandomGaussianBlur, TwoViews, pretrain_view
+from mauctl.data.augment import MEAN, RECIPES, STD, RandomGaussianBlur, TwoViews, pretrain_view
 from mauctl.data.loader import EpochSampler, SeededImages, decode_image
 
 pytestmark = pytest.mark.filterwarnings(
@@ -163,13 +164,14 @@ def small_folder(tmp_path, per_class: int = 4, size=(40, 32)) -> list[tuple[str,
 
 
 def test_crop_boxes_are_torchvision_get_params_exactly():
+    scale, ratio = ba.recipe_for("v2").scale, ba.recipe_for("v2").ratio
     # (1, 100) never fits a crop of area >= 20 px: torchvision's central fallback, every time
     for height, width in [(60, 80), (375, 500), (37, 200), (5, 5), (1, 100)]:
         for seed in range(150):
             torch.manual_seed(seed)
             img = torch.empty(3, height, width)
-            expected = T.RandomResizedCrop.get_params(img, list(ba.SCALE), list(ba.RATIO))
-            got = ba.crop_box(height, width, ba.SCALE, ba.RATIO, torch.Generator().manual_seed(seed))
+            expected = T.RandomResizedCrop.get_params(img, list(scale), list(ratio))
+            got = ba.crop_box(height, width, scale, ratio, torch.Generator().manual_seed(seed))
             assert got == tuple(expected), (height, width, seed)
 
 
@@ -181,7 +183,8 @@ def test_crop_area_and_aspect_distributions_match_the_recipe():
     img = torch.empty(3, height, width)
     theirs = [reference.get_params(img, reference.scale, reference.ratio) for _ in range(n)]
     generator = torch.Generator().manual_seed(1)
-    ours = [ba.crop_box(height, width, ba.SCALE, ba.RATIO, generator) for _ in range(n)]
+    recipe = ba.recipe_for("v2")
+    ours = [ba.crop_box(height, width, recipe.scale, recipe.ratio, generator) for _ in range(n)]
 
     def area_and_log_aspect(boxes):
         h, w = np.array([b[2] for b in boxes], float), np.array([b[3] for b in boxes], float)
@@ -204,9 +207,50 @@ def test_worker_draws_reproduce_the_pil_recipe_exactly(aug):
         expected = two_views(img)
         generator = torch.Generator().manual_seed(seed)
         for view in expected:
-            box = ba.crop_box(30, 40, ba.SCALE, ba.RATIO, generator)
+            box = ba.crop_box(30, 40, recipe.scale, recipe.ratio, generator)
             params = ba.draw_view_params(recipe, generator)
             assert torch.equal(render_pil(img, box, params, aug, 24), view), seed
+
+
+def test_changing_only_the_recipe_definition_changes_both_pipelines_alike(tmp_path, monkeypatch):
+    """One definition: every parameter of augment.RECIPES["v2"] changed, nothing else, and
+    pretrain_view, TensorViews and BatchAugment all follow it with the same crops and choices."""
+    published = RECIPES["v2"]
+    changed = dataclasses.replace(published, scale=(0.6, 0.7), ratio=(0.5, 2.0), grey_p=0.6, grey_first=True,
+                                  jitter=(0.2, 0.3, 0.5, 0.2), jitter_p=1.0, blur_p=0.9, sigma=(0.5, 1.0),
+                                  flip_p=0.2)
+    assert all(getattr(changed, f.name) != getattr(published, f.name) for f in dataclasses.fields(changed))
+    monkeypatch.setitem(RECIPES, "v2", changed)
+
+    samples = small_folder(tmp_path, per_class=1, size=(30, 40))  # 40 x 30 px
+    img = decode_image(samples[0][0])
+    pil_views = TwoViews(pretrain_view("v2", 24))
+    tensor_views = ba.TensorViews(samples, "v2", 24)
+    boxes_of = ba.TensorViews(samples, "v2", 24, decode_on="cuda")  # the same crops as boxes, not decoded
+    augment = ba.BatchAugment("v2", 24)
+    areas, all_params, levels = [], [], []
+    for seed in range(100):
+        torch.manual_seed(seed)
+        expected = pil_views(img)
+        views, params, _, _ = tensor_views[(0, seed)]
+        boxes = boxes_of[(0, seed)][0].boxes.tolist()
+        # the worker's crops and choices replayed with torchvision's PIL ops: the PIL views exactly
+        for view, box, row in zip(expected, boxes, params):
+            assert torch.equal(render_pil(img, box, row, "v2", 24), view), seed
+            areas.append(box[2] * box[3] / (30 * 40))
+        # and the batch ops on the worker's crops: the PIL pipeline's views up to rounding
+        query, key = augment.two_views(views[None], params[None])
+        levels += [(unnormalised(ours[0]) - unnormalised(theirs)).abs().mean() * 255
+                   for ours, theirs in zip((query, key), expected)]
+        all_params.append(params)
+    assert np.mean(levels) < 2.5 and max(levels) < 5
+
+    # the changed recipe was followed, not the published one
+    p = torch.cat(all_params)
+    assert 0.55 < min(areas) and max(areas) < 0.75  # scale (0.6, 0.7), up to rounding small crops' sides
+    assert (p[:, ba.JITTER] == 1).all() and p[:, ba.HUE].abs().max() > 0.1
+    blurred = p[p[:, ba.BLUR] > 0, ba.SIGMA]
+    assert len(blurred) > 160 and blurred.min() >= 0.5 and blurred.max() <= 1.0
 
 
 @pytest.mark.parametrize("aug", ["v1", "v2"])
@@ -364,7 +408,8 @@ def test_whole_recipe_per_image_mean_and_std_are_distributed_as_the_pil_recipe(a
     torch.manual_seed(0)
     theirs = torch.stack([pil_view(img) for img in as_pil(images) for _ in range(n // 8)])
     generator = torch.Generator().manual_seed(1)
-    crops = torch.stack([ba.resized_crop(img, ba.crop_box(40, 40, ba.SCALE, ba.RATIO, generator), size)
+    scale, ratio = ba.recipe_for(aug).scale, ba.recipe_for(aug).ratio
+    crops = torch.stack([ba.resized_crop(img, ba.crop_box(40, 40, scale, ratio, generator), size)
                          for img in images for _ in range(n // 8)])
     ours = ba.BatchAugment(aug, size)(crops, torch.Generator().manual_seed(2))
     # With identical choices the views differ by ~1.5 levels per pixel (Pillow truncates, so its

@@ -405,6 +405,20 @@ def test_bad_values_and_sources_are_named(run_v2, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--format", "pickle", "--format 'pickle': expected one of safetensors, torchvision, torchscript, onnx"),
+    ("--format", "ONXX", ("--format 'ONXX': expected one of safetensors, torchvision, torchscript, onnx; "
+                          "did you mean 'onnx'?")),
+    ("--head", "mpl", "--head 'mpl': expected one of none, mlp, linear; did you mean 'mlp'?"),
+])
+def test_an_unknown_choice_lists_the_valid_ones_once(tmp_path, flag, value, message):
+    # the choice is checked before the source is read: no run needed
+    result = export(tmp_path / "run", "--out", tmp_path / "x", flag, value)
+    assert result.exit_code == 2, result.output
+    assert result.output == f"error: {message}\n"
+    assert not (tmp_path / "x").exists()
+
+
 def test_head_linear_picks_the_only_probe_or_asks(tmp_path):
     run = make_run(tmp_path / "run", mlp=False, small_stem=True, seed=2)
     second = run.path / "lincls" / "lincls-long" / "best.pt"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -22,6 +24,8 @@ IMAGENET100 = resource_text("imagenet100_classes.txt").split()
 EXTRA = ["n00000001", "n00000002", "n00000003"]  # in the fake ImageNet, not in ImageNet-100
 ALL_CLASSES = IMAGENET100 + EXTRA
 IMAGES_PER_CLASS = {"train": 2, "val": 1}
+# What the summary counts in each link mode: one symlink per class folder, or one entry per file.
+UNITS = {"symlink": "class symlinks", "hardlink": "hard links", "copy": "file copies"}
 
 
 def _jpeg() -> bytes:
@@ -64,10 +68,20 @@ def snapshot(root: Path) -> dict[str, object]:
     return entries
 
 
-def summary_row(output: str, split: str, *numbers: int) -> bool:
-    """Whether the summary table has a row ``split | numbers...``."""
-    pattern = re.escape(split) + "".join(rf"\W+{n}" for n in numbers) + r"\b"
+def summary_row(output: str, split: str, *cells: int | str) -> bool:
+    """Whether the summary table has a row ``split | cells...`` (numbers, or counts with their unit)."""
+    pattern = re.escape(split) + "".join(rf"\W+{re.escape(str(cell))}" for cell in cells) + r"\b"
     return re.search(pattern, output) is not None
+
+
+def symlink_farm(store: Path, farm: Path) -> Path:
+    """``farm`` with the folders of ``store``, each file a symlink to the one in ``store``."""
+    for dirpath, _, filenames in os.walk(store):
+        folder = farm / Path(dirpath).relative_to(store)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in filenames:
+            (folder / name).symlink_to(Path(dirpath, name))
+    return farm
 
 
 def write_classes(path: Path, *lines: str) -> Path:
@@ -94,24 +108,60 @@ def test_default_links_every_imagenet100_class_folder(imagenet: Path, tmp_path: 
             link = destination / split / wnid
             assert link.is_symlink()
             assert os.readlink(link) == str((imagenet / split / wnid).resolve())
-    assert summary_row(result.output, "train", 100, 200, 100, 0), result.output
-    assert summary_row(result.output, "val", 100, 100, 100, 0), result.output
+    assert summary_row(result.output, "train", 100, 200, "100 class symlinks", "0 class symlinks"), result.output
+    assert summary_row(result.output, "val", 100, 100, "100 class symlinks", "0 class symlinks"), result.output
 
 
-def test_rerun_creates_nothing_and_succeeds(imagenet: Path, tmp_path: Path) -> None:
+# (link mode, entries per split): one symlink per class folder, or one hard link or copy per file
+@pytest.mark.parametrize("link, entries", [
+    ("symlink", {"train": 100, "val": 100}), ("hardlink", {"train": 200, "val": 100}),
+    ("copy", {"train": 200, "val": 100}),
+])
+def test_summary_counts_what_the_mode_creates_and_a_rerun_creates_nothing(
+        imagenet: Path, tmp_path: Path, link: str, entries: dict[str, int]) -> None:
     destination = tmp_path / "in100"
-    assert subset(imagenet, destination).exit_code == 0
+    unit = UNITS[link]
+    first = subset(imagenet, destination, "--link", link)
+    assert first.exit_code == 0, first.output
     before = snapshot(destination)
-    result = subset(imagenet, destination)
-    assert result.exit_code == 0, result.output
-    assert summary_row(result.output, "train", 100, 200, 0, 100), result.output
-    assert summary_row(result.output, "val", 100, 100, 0, 100), result.output
+    rerun = subset(imagenet, destination, "--link", link)
+    assert rerun.exit_code == 0, rerun.output
+    for split, images in (("train", 200), ("val", 100)):
+        created = f"{entries[split]} {unit}"
+        assert summary_row(first.output, split, 100, images, created, f"0 {unit}"), first.output
+        assert summary_row(rerun.output, split, 100, images, f"0 {unit}", created), rerun.output
+    assert snapshot(destination) == before
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink", "copy"])
+def test_rerun_over_an_imagenet_of_file_symlinks_creates_nothing(tmp_path: Path, link: str) -> None:
+    """Clusters often share ImageNet as a tree of symlinks into a dataset store: hard links and copies
+    are of the files those symlinks lead to, so a rerun finds them already there."""
+    chosen = IMAGENET100[:3]
+    store = build_imagenet(tmp_path / "store", train=chosen, val=chosen)
+    source = symlink_farm(store, tmp_path / "imagenet")
+    classes = write_classes(tmp_path / "three.txt", *chosen)
+    destination = tmp_path / "out"
+    first = subset(source, destination, "--classes", classes, "--link", link)
+    assert first.exit_code == 0, first.output
+    if link != "symlink":
+        for real in store.rglob("*.JPEG"):
+            built = destination / real.relative_to(store)
+            assert not built.is_symlink() and built.read_bytes() == real.read_bytes()
+            assert os.path.samestat(real.stat(), built.lstat()) == (link == "hardlink")
+    before = snapshot(destination)
+    rerun = subset(source, destination, "--classes", classes, "--link", link)
+    assert rerun.exit_code == 0, rerun.output
+    train_entries = 3 if link == "symlink" else 6
+    assert summary_row(rerun.output, "train", 3, 6, f"0 {UNITS[link]}", f"{train_entries} {UNITS[link]}"), \
+        rerun.output
     assert snapshot(destination) == before
 
 
 def test_make_subset_reports_per_split_summaries(imagenet: Path, tmp_path: Path) -> None:
     summaries = make_subset(imagenet, tmp_path / "in100", splits=["val"])
-    assert summaries == [SplitSummary("val", classes=100, images=100, created=100, existing=0)]
+    assert summaries == [SplitSummary("val", classes=100, images=100, created=100, existing=0, link="symlink")]
+    assert summaries[0].entries(100) == "100 class symlinks" and summaries[0].entries(1) == "1 class symlink"
 
 
 def _source_files(imagenet: Path, split: str, wnid: str) -> list[Path]:
@@ -127,9 +177,6 @@ def test_hardlink_mode_links_every_file(imagenet: Path, tmp_path: Path) -> None:
         assert class_dir.is_dir() and not class_dir.is_symlink()
         for source in _source_files(imagenet, "train", wnid):
             assert os.path.samestat(source.stat(), (class_dir / source.name).lstat())
-    assert summary_row(result.output, "train", 100, 200, 200, 0), result.output
-    rerun = subset(imagenet, destination, "--link", "hardlink")
-    assert summary_row(rerun.output, "train", 100, 200, 0, 200), rerun.output
 
 
 def test_copy_mode_copies_every_file(imagenet: Path, tmp_path: Path) -> None:
@@ -142,8 +189,6 @@ def test_copy_mode_copies_every_file(imagenet: Path, tmp_path: Path) -> None:
             assert not copy.is_symlink()
             assert copy.read_bytes() == source.read_bytes()
             assert not os.path.samestat(source.stat(), copy.stat())
-    assert summary_row(result.output, "val", 100, 100, 100, 0), result.output
-    assert summary_row(subset(imagenet, destination, "--link", "copy").output, "val", 100, 100, 0, 100)
 
 
 def test_hardlink_mode_adds_missing_files_and_keeps_extra_ones(imagenet: Path, tmp_path: Path) -> None:
@@ -155,7 +200,7 @@ def test_hardlink_mode_adds_missing_files_and_keeps_extra_ones(imagenet: Path, t
     (class_dir / "notes.txt").write_text("mine")
     result = subset(imagenet, tmp_path / "in100", "--link", "hardlink", "--splits", "train")
     assert result.exit_code == 0, result.output
-    assert summary_row(result.output, "train", 100, 200, 199, 1), result.output
+    assert summary_row(result.output, "train", 100, 200, "199 hard links", "1 hard link"), result.output
     assert (class_dir / "notes.txt").read_text() == "mine"
 
 
@@ -199,8 +244,8 @@ def test_custom_class_list(imagenet: Path, tmp_path: Path) -> None:
     result = subset(imagenet, tmp_path / "mine", "--classes", classes)
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(tmp_path / "mine" / "train")) == sorted(chosen)
-    assert summary_row(result.output, "train", 3, 6, 3, 0), result.output
-    assert summary_row(result.output, "val", 3, 3, 3, 0), result.output
+    assert summary_row(result.output, "train", 3, 6, "3 class symlinks", "0 class symlinks"), result.output
+    assert summary_row(result.output, "val", 3, 3, "3 class symlinks", "0 class symlinks"), result.output
 
 
 def test_malformed_ids_are_all_listed_with_line_numbers(imagenet: Path, tmp_path: Path) -> None:
@@ -301,7 +346,7 @@ def test_link_pointing_elsewhere_needs_force(imagenet: Path, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     assert os.readlink(link) == str((imagenet / "train" / wnid).resolve())
     assert (elsewhere / "keep.JPEG").read_bytes() == b"not mine to delete"
-    assert summary_row(result.output, "train", 100, 200, 100, 0), result.output
+    assert summary_row(result.output, "train", 100, 200, "100 class symlinks", "0 class symlinks"), result.output
 
 
 def _real_folder(path: Path) -> None:
@@ -339,6 +384,54 @@ def test_different_file_inside_a_class_folder_is_never_replaced(
     result = subset(imagenet, tmp_path / "out", "--link", link_mode, "--force")
     assert_refused(result, str(impostor), difference)
     assert snapshot(tmp_path / "out") == before
+
+
+def test_symlinks_where_hard_links_belong_are_named_as_such_and_replaced_with_force(
+        imagenet: Path, tmp_path: Path) -> None:
+    # A symlink to the right file is still not a hard link: mauctl made such "hard links" from an
+    # ImageNet of symlinks before it linked the files they lead to.
+    wnid = IMAGENET100[0]
+    source = _source_files(imagenet, "train", wnid)[0]
+    stray = tmp_path / "out" / "train" / wnid / source.name
+    stray.parent.mkdir(parents=True)
+    stray.symlink_to(source)
+    before = snapshot(tmp_path / "out")
+    refused = subset(imagenet, tmp_path / "out", "--link", "hardlink", "--splits", "train")
+    assert_refused(refused, f"1 symlink(s) in {tmp_path / 'out' / 'train'} stand where --link hardlink puts "
+                            "real folders and files", str(stray), "--force")
+    assert "point elsewhere" not in refused.output
+    assert snapshot(tmp_path / "out") == before
+    forced = subset(imagenet, tmp_path / "out", "--link", "hardlink", "--splits", "train", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert not stray.is_symlink() and os.path.samestat(source.stat(), stray.lstat())
+    assert summary_row(forced.output, "train", 100, 200, "200 hard links", "0 hard links"), forced.output
+
+
+@pytest.fixture
+def other_filesystem(tmp_path: Path):
+    """A new folder in /dev/shm when that is another filesystem than the test's folder; removed afterwards."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)) or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a writable /dev/shm on another filesystem than the temporary folder")
+    folder = Path(tempfile.mkdtemp(prefix="mauctl-test-", dir=shm))
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_hard_links_to_files_on_another_filesystem_are_refused_before_anything_is_created(
+        tmp_path: Path, other_filesystem: Path) -> None:
+    chosen = IMAGENET100[:2]
+    store = build_imagenet(other_filesystem / "store", train=chosen, val=chosen)
+    source = symlink_farm(store, tmp_path / "imagenet")
+    classes = write_classes(tmp_path / "two.txt", *chosen)
+    result = subset(source, tmp_path / "out", "--classes", classes, "--link", "hardlink")
+    refusal = "source file(s), reached through symlinks, lie on another filesystem than"
+    assert_refused(result, "2 problems, nothing was created", f"4 {refusal} {tmp_path / 'out' / 'train'}",
+                   f"2 {refusal} {tmp_path / 'out' / 'val'}",
+                   str(store / "train" / chosen[0] / f"{chosen[0]}_1.JPEG"), "--link symlink or copy")
+    assert not (tmp_path / "out").exists()
+    copied = subset(source, tmp_path / "out", "--classes", classes, "--link", "copy")
+    assert copied.exit_code == 0, copied.output
 
 
 def test_split_folder_that_is_a_symlink_is_refused(imagenet: Path, tmp_path: Path) -> None:

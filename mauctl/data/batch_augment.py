@@ -1,5 +1,7 @@
 """The MoCo v1/v2 views of augment.py as batched tensor ops: decode and crop in loader workers,
 then colour, greyscale, blur, flip and normalisation on whole uint8 batches, on the GPU or the CPU.
+Both pipelines are built from augment.py's recipes (`Recipe`, ``RECIPES``); none of their
+parameters is written here.
 
 The contract, for a training loop with ``data.pipeline = "tensor"``::
 
@@ -57,15 +59,13 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from mauctl.data.augment import AUGMENTATIONS, MEAN, STD, pretrain_view, to_rgb
+from mauctl.data.augment import MEAN, STD, Recipe, pretrain_view, recipe_for, to_rgb
 from mauctl.data.loader import Skipped, collate, first_decodable, make_loader
 from mauctl.data.loader import decode_image as decode_with_pillow
 
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
-SCALE = (0.2, 1.0)  # RandomResizedCrop's area fraction in the pretraining recipes
-RATIO = (3 / 4, 4 / 3)
 LUMA = (0.299, 0.587, 0.114)
 TORCHVISION_FORMATS = ("JPEG", "PNG", "WEBP")  # Pillow's names of the formats torchvision.io decodes here
 
@@ -74,36 +74,6 @@ TORCHVISION_FORMATS = ("JPEG", "PNG", "WEBP")  # Pillow's names of the formats t
 FLIP, GREY, JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, BLUR, SIGMA = 0, 1, 2, 3, 4, 5, 6, 7, 11, 12
 PARAMS = 13
 BRIGHTNESS_OP, CONTRAST_OP, SATURATION_OP, HUE_OP = 0, 1, 2, 3
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """The colour half of a pretrain_view recipe (augment.py), in the order it applies."""
-
-    grey_first: bool  # v1: RandomGrayscale before ColorJitter; v2: after
-    jitter_p: float  # ColorJitter's probability (1: not wrapped in RandomApply, no draw for it)
-    jitter: tuple[float, float, float, float]  # brightness, contrast, saturation, hue strengths
-    grey_p: float = 0.2
-    blur_p: float = 0.0
-    sigma: tuple[float, float] = (0.1, 2.0)
-    flip_p: float = 0.5
-
-    def ranges(self) -> tuple:
-        """ColorJitter's (min, max) of each factor: brightness 0.4 -> (0.6, 1.4), hue 0.1 -> (-0.1, 0.1)."""
-        jitter = T.ColorJitter(*self.jitter)
-        return jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue
-
-
-RECIPES = {
-    "v1": Recipe(grey_first=True, jitter_p=1.0, jitter=(0.4, 0.4, 0.4, 0.4)),
-    "v2": Recipe(grey_first=False, jitter_p=0.8, jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5),
-}
-
-
-def recipe_for(aug: str) -> Recipe:
-    if aug not in RECIPES:
-        raise ValueError(f"unknown augmentation {aug!r}; expected one of {', '.join(AUGMENTATIONS)}")
-    return RECIPES[aug]
 
 
 # ---------------------------------------------------------------- decoding
@@ -213,11 +183,12 @@ class TensorViews(Dataset):
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], aug: str, image_size: int,
-                 scale: tuple[float, float] = SCALE, decode_on: str = "cpu") -> None:
+                 scale: tuple[float, float] | None = None, decode_on: str = "cpu") -> None:
         if decode_on not in ("cpu", "cuda"):
             raise ValueError(f"decode_on must be 'cpu' or 'cuda', not {decode_on!r}")
         self.samples, self.recipe, self.image_size = samples, recipe_for(aug), image_size
-        self.scale, self.decode_on = scale, decode_on
+        self.scale = self.recipe.scale if scale is None else scale  # another scale departs from pretrain_view
+        self.decode_on = decode_on
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -233,7 +204,7 @@ class TensorViews(Dataset):
         generator = torch.Generator().manual_seed(seed)
         boxes, params = [], []
         for _ in range(2):  # crop then colour, view after view: the order TwoViews(pretrain_view) draws in
-            boxes.append(crop_box(height, width, self.scale, RATIO, generator))
+            boxes.append(crop_box(height, width, self.scale, self.recipe.ratio, generator))
             params.append(draw_view_params(self.recipe, generator))
         if on_gpu:
             views = EncodedImage(img.data, img.height, img.width, torch.tensor(boxes), self.image_size)
@@ -243,7 +214,7 @@ class TensorViews(Dataset):
 
 
 def make_tensor_loader(samples: Sequence[tuple[str, int]], aug: str, image_size: int, sampler: Sampler,
-                       workers: int, pin_memory: bool, scale: tuple[float, float] = SCALE,
+                       workers: int, pin_memory: bool, scale: tuple[float, float] | None = None,
                        decode_on: str = "cpu", persistent: bool = True) -> DataLoader:
     """Batches (views, params, labels, skipped) for `BatchAugment.two_views`; see the module docstring.
 
@@ -463,7 +434,7 @@ def augmentation_grid(paths: Sequence[str], aug: str, image_size: int, out_png: 
                 torch.manual_seed(view_seed)
                 pil = pil_view(pil_img)
             generator = torch.Generator().manual_seed(view_seed)
-            box = crop_box(tensor_img.shape[-2], tensor_img.shape[-1], SCALE, RATIO, generator)
+            box = crop_box(tensor_img.shape[-2], tensor_img.shape[-1], recipe.scale, recipe.ratio, generator)
             params = draw_view_params(recipe, generator)
             tensor = augment.apply(resized_crop(tensor_img, box, image_size)[None], params[None])[0]
             for left, view in ((0, pil), (half + gap, tensor)):
