@@ -16,6 +16,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,9 @@ def table(reports: list[tuple[str, dict]]) -> str:
     first = reports[0][1]
     m = first["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cpu_cores']} cores"
-    lines = [f"`mauctl bench`: {first['arch']} at {first['image_size']} px, batch {first['batch_size']}, "
-             f"{first['workers']} loader workers, on {first['device']} ({where}), torch {m['torch']}.", "",
+    lines = [f"`mauctl bench` on {time.strftime('%Y-%m-%d')}: {first['arch']} at {first['image_size']} px, batch "
+             f"{first['batch_size']}, {first['workers']} loader workers, on {first['device']} ({where}), "
+             f"torch {m['torch']}.", "",
              "| setting | pipeline | data only (img/s) | per worker | compute only (img/s) | end to end (img/s) "
              "| end to end / compute | peak GPU memory |",
              "|---|---|---|---|---|---|---|---|"]

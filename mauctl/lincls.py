@@ -60,7 +60,7 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                                save_minutes=cfg.run.save_minutes, keep_best=True,
                                every_epoch=not cfg.lincls.cached_features)
     resumed_from = checkpoints.resume(state, cfg.run.resume)
-    log = start_run(run_dir, cfg, rt, meta, train, "lincls", resumed_from, state, source=str(enc.path))
+    log = start_run(run_dir, cfg, rt, meta, train.summary(), "lincls", resumed_from, state, source=str(enc.path))
     reporter = Reporter(rt.is_main, "lincls", log, cfg.optim.epochs)
     results = Results(run_dir, rt, cfg, meta, enc, root, train, val)
     try:

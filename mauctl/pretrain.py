@@ -41,7 +41,7 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                                save_every=cfg.run.save_every, save_minutes=cfg.run.save_minutes)
     resumed_from = checkpoints.resume(state, cfg.run.resume)
     data = TrainData(cfg, rt, index)
-    log = start_run(run_dir, cfg, rt, meta, index, "pretrain", resumed_from, state, pipeline=data.pipeline,
+    log = start_run(run_dir, cfg, rt, meta, index.summary(), "pretrain", resumed_from, state, pipeline=data.pipeline,
                     **training.effective())
     reporter = Reporter(rt.is_main, "pretrain", log, cfg.optim.epochs)
     steps = StepLog(reporter, state, rt, run_dir, cfg.run.print_freq, cfg.optim.batch_size,

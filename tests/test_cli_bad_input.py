@@ -106,7 +106,8 @@ CASES = [
          "data.max_bad_fraction = True", "expected a number, got a boolean"),
     case("pretrain: max_bad_fraction misspelt", ["pretrain", "data", *SMALL, "--set", "data.max_bad_fractoin=0.1"],
          "unknown key 'data.max_bad_fractoin' (did you mean 'data.max_bad_fraction'?)"),
-    case("pretrain: --workers a word", ["pretrain", "data", "--workers", "many"], "Invalid value for '--workers'"),
+    case("pretrain: --workers a word", ["pretrain", "data", "--workers", "many"], "data.workers = 'many'",
+         "expected 'auto' or a number"),
     case("pretrain: --device cuda without a GPU", ["pretrain", "data", *SMALL, "--device", "cuda"],
          "run.device = 'cuda', but 0 CUDA GPUs visible", skip="a GPU is visible" if torch.cuda.is_available()
          else None),

@@ -21,6 +21,11 @@ class FolderIndex:
     classes: list[str]
     samples: list[tuple[str, int]]
 
+    def summary(self) -> dict[str, object]:
+        """What a run records of its dataset (manifest.json): where, how many classes and images, which classes."""
+        return {"root": str(self.root.parent), "split": self.root.name, "classes": len(self.classes),
+                "images": len(self.samples), "class_list_sha256": class_list_digest(self.classes)}
+
     @property
     def counts(self) -> list[int]:
         counts = [0] * len(self.classes)

@@ -23,16 +23,17 @@ from mauctl.errors import RunError
 GRAD_NORM = "grad_norm"
 
 
-def start_run(run: RunDir, config: Any, runtime: Any, meta: dict[str, Any], index: Any, title: str,
+def start_run(run: RunDir, config: Any, runtime: Any, meta: dict[str, Any], dataset: dict[str, Any], title: str,
               resumed_from: Any, state: TrainState, **effective: Any) -> MetricsLog | None:
-    """Rank 0: create the run directory, write config.toml, manifest.json, status, open metrics.jsonl."""
+    """Rank 0: create the run directory, write config.toml, manifest.json (``dataset``: FolderIndex.summary()),
+    status, open metrics.jsonl."""
     if not runtime.is_main:
         return None
     try:
         run.path.mkdir(parents=True, exist_ok=True)
         files.write_text_atomically(run.config, to_toml(config, f"Resolved by mauctl {title}; repeat the run "
                                                                  "with --config", preset=meta.get("preset")))
-        write_manifest(run, config, runtime, {**meta, "command": title}, index, resumed_from=resumed_from,
+        write_manifest(run, config, runtime, {**meta, "command": title}, dataset, resumed_from=resumed_from,
                        **effective)
         log = MetricsLog(run.metrics, run.path / "tensorboard" if config.run.tensorboard else None)
         if resumed_from:

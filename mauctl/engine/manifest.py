@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from mauctl import __version__
-from mauctl.data.folder import FolderIndex, class_list_digest
 from mauctl.engine.rundir import RunDir
 
 
@@ -27,7 +26,7 @@ def git_revision() -> str | None:
     return out.stdout.strip() or None
 
 
-def write_manifest(run: RunDir, config: Any, runtime: Any, meta: dict[str, Any], index: FolderIndex,
+def write_manifest(run: RunDir, config: Any, runtime: Any, meta: dict[str, Any], dataset: dict[str, Any],
                    **effective: Any) -> None:
     try:
         previous = json.loads(run.manifest.read_text(encoding="utf-8"))
@@ -51,8 +50,7 @@ def write_manifest(run: RunDir, config: Any, runtime: Any, meta: dict[str, Any],
         "git_revision": git_revision(),
         "world_size": runtime.world_size,
         "global_batch": config.optim.batch_size,
-        "dataset": {"root": str(index.root.parent), "split": index.root.name, "classes": len(index.classes),
-                    "images": len(index.samples), "class_list_sha256": class_list_digest(index.classes)},
+        "dataset": dataset,
         "starts": previous.get("starts", []) + [start],
     }
     manifest["created"] = previous.get("created", start["time"])
