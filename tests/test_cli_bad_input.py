@@ -129,7 +129,7 @@ CASES = [
     case("lincls: missing checkpoint", ["lincls", "nowhere.pt", "data"], "nowhere.pt: no such file or directory"),
     case("lincls: not a checkpoint", ["lincls", "notes.txt", "data"], "notes.txt is not a readable checkpoint"),
     case("lincls: DATA without val/", ["lincls", "weights.pt", "train-only", *PROBE], "train-only/val does not exist",
-         "The linear probe measures top-1 on train-only/val/<class>/<image>"),
+         "The linear probe measures top-1 on", "train-only/val/<class>/<image>: held-out images of the classes in"),
     case("lincls: --epochs a word", ["lincls", "weights.pt", "data", "--epochs", "ten"],
          "Invalid value for '--epochs'"),
     case("lincls: a pretraining option", ["lincls", "weights.pt", "data", "--loss", "align3-unif3"],

@@ -118,7 +118,7 @@ def test_a_run_logs_the_diagnostics_before_training_and_after_each_epoch(tiny_im
         assert 0 <= r["align_metric"] <= 4 and -4 <= r["unif_metric"] <= 0 and 0 <= r["knn_top1"] <= 100
         assert (r["eval_images"], r["bank_images"], r["eval_source"]) == (12, 48, "val")
     assert "diagnostics before training: align_metric" in result.stdout
-    assert "epoch 2 done" in result.stdout and "knn_top1" in result.stdout.split("epoch 2 done")[1]
+    assert "epoch 2/2 done" in result.stdout and "knn_top1" in result.stdout.split("epoch 2/2 done")[1]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -302,7 +302,7 @@ def test_a_nan_gradient_a_crash_while_saving_a_full_disk_and_a_corrupt_last_pt_n
            second.last_step - STEPS, step_seconds(third), launcher_exit_seconds=round(second.ended - died, 1))
     assert resumed_at(third) == STEPS and partial_files(run) == []
     output = third.finish()
-    assert "removed 1 partial file(s)" in output
+    assert "removed 1 partial file left in" in output
     assert third.proc.returncode == 1, output
     assert "could not write the checkpoint" in output and "No space left on device" in output
     assert "the previous checkpoint there is kept" in output and "Traceback" not in output

@@ -91,7 +91,7 @@ def test_demo_preset_needs_no_data_argument(tmp_path):
                         "--set", "model.queue_size=512", "--image-size", "8", "--workers", "0",
                         "--out", str(tmp_path / "demo"), cwd=tmp_path, MAUCTL_CACHE=str(tmp_path / "cache"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1438 images, 10 classes" in result.stdout
+    assert "1,438 images, 10 classes" in result.stdout
     manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())
     assert manifest["dataset"]["root"].startswith(str(tmp_path / "cache"))
 
