@@ -413,13 +413,16 @@ def _shown_path(path: Path) -> str:
 
 @dataclass
 class Cell:
-    key: CellKey
-    published: float | None
-    spread: float | None
-    label: str | None
+    """A cell of the report: the published number and the user's runs that reproduce it."""
+
+    published: presets.PublishedCell
     entries: list[Entry] = field(default_factory=list)  # the published protocol, exactly
     off_protocol: list[Entry] = field(default_factory=list)  # listed under "Not in the table"
-    best: bool = False
+    best: bool = False  # of its row: by reproduced mean when the row has runs, else by published top-1
+
+    @property
+    def key(self) -> CellKey:
+        return CellKey(self.published.table, self.published.row, self.published.loss)
 
     @property
     def values(self) -> list[float]:
@@ -439,7 +442,8 @@ class Cell:
 
     @property
     def diff(self) -> float | None:
-        return None if self.mean is None or self.published is None else self.mean - self.published
+        top1 = self.published.top1
+        return None if self.mean is None or top1 is None else self.mean - top1
 
 
 @dataclass
@@ -470,15 +474,12 @@ class Report:
 
 def build_tables(entries: Sequence[Entry], notes: Sequence[str] = ()) -> Report:
     reference = presets.reference_table()
-    losses = list(presets.loss_columns())
+    published = presets.published_cells()
     tables = {}
     for table in presets.TABLES:
         tables[table] = [
-            Row(table, row["row"], row["aug"], row["batch_size"], row["lr"], [
-                Cell(CellKey(table, row["row"], loss), row["top1"].get(loss), row.get("spread", {}).get(loss),
-                     row.get("label", {}).get(loss))
-                for loss in losses
-            ])
+            Row(table, row["row"], row["aug"], row["batch_size"], row["lr"],
+                [Cell(c) for c in published if (c.table, c.row) == (table, row["row"])])
             for row in reference[table]
         ]
     report = Report(tables, [], [], list(notes), list(entries))
@@ -491,44 +492,36 @@ def build_tables(entries: Sequence[Entry], notes: Sequence[str] = ()) -> Report:
             report.cell(key).off_protocol.append(entry)
         else:
             report.cell(key).entries.append(entry)
-    for table, rows in tables.items():
-        published_best = {row["row"]: row.get("best") for row in reference[table]}
+    for rows in tables.values():
         for row in rows:
-            _mark_best(row, published_best[row.name])
+            _mark_best(row)
     if not entries:
         report.notes.append("No finished runs were found: only the published numbers are shown.")
     return report
 
 
-def _mark_best(row: Row, published_best: str | None) -> None:
+def _mark_best(row: Row) -> None:
     reproduced = [c for c in row.cells if c.mean is not None]
     if reproduced:
         top = max(c.mean for c in reproduced)
         for c in reproduced:
             c.best = math.isclose(c.mean, top)
-    elif published_best is not None:
+    elif any(c.published.best for c in row.cells):  # the README marks the row's best
         for c in row.cells:
-            c.best = c.key.loss == published_best
+            c.best = c.published.best
     else:
-        published = [c for c in row.cells if c.published is not None]
-        top = max((c.published for c in published), default=None)
+        published = [c for c in row.cells if c.published.top1 is not None]
+        top = max((c.published.top1 for c in published), default=None)
         for c in published:
-            c.best = c.published == top
+            c.best = c.published.top1 == top
 
 
 # ---------------------------------------------------------------- text of cells and rows
 
 
-def published_text(cell: Cell) -> str:
-    if cell.published is None:
-        return "-"
-    text = f"{cell.published:g}" + (f" ± {cell.spread:g}" if cell.spread else "")
-    return text + (f" ({cell.label})" if cell.label else "")
-
-
 def cell_text(cell: Cell) -> str:
     """``73.12 (MoCo)``, ``73.12 (MoCo) / 72.80 (-0.32)``, ``75.62 / 75.10 ± 0.26 (n=3) (-0.52)``, ``-``."""
-    text = published_text(cell)
+    text = cell.published.text
     if cell.mean is None:
         return text
     reproduced = f"{cell.mean:.2f}" if cell.n == 1 else f"{cell.mean:.2f} ± {cell.std:.2f} (n={cell.n})"
@@ -569,7 +562,7 @@ def other_row(entry: Entry, reasons: list[str]) -> list[str]:
 
 def not_in_table_row(entry: Entry, key: CellKey, reasons: list[str], report: Report) -> list[str]:
     return [OFF, entry.label, entry.probe, cell_name(key), _pct(entry.best_top1),
-            published_text(report.cell(key)), "; ".join(reasons)]
+            report.cell(key).published.text, "; ".join(reasons)]
 
 
 def diagnostics_row(entry: Entry) -> list[str]:
@@ -700,7 +693,8 @@ def report_data(report: Report) -> dict[str, Any]:
             "row": row.name, "aug": row.aug, "augmentation": AUG_LABELS.get(row.aug, row.aug),
             "batch_size": row.batch_size, "lr": row.lr,
             "cells": [{
-                "loss": c.key.loss, "published": c.published, "spread": c.spread, "label": c.label,
+                "loss": c.key.loss, "published": c.published.top1, "spread": c.published.spread,
+                "label": c.published.label,
                 "reproduced_mean": _r(c.mean), "reproduced_std": _r(c.std), "n": c.n, "diff": _r(c.diff),
                 "best": c.best, "text": cell_text(c), "entries": [entry_data(e) for e in c.entries],
                 "not_in_table": len(c.off_protocol),
@@ -709,7 +703,8 @@ def report_data(report: Report) -> dict[str, Any]:
     return {
         "format": REPORT_FORMAT,
         "tables": tables,
-        "not_in_table": [{**entry_data(e), **k._asdict(), "published": report.cell(k).published, "reasons": r}
+        "not_in_table": [{**entry_data(e), **k._asdict(), "published": report.cell(k).published.top1,
+                          "reasons": r}
                          for e, k, r in report.not_in_table],
         "other_runs": [{**entry_data(e), "dataset": dataset_name(e), "preset": e.manifest.get("preset"),
                         "loss": loss_label(e), "reasons": r} for e, r in report.other],
@@ -806,17 +801,17 @@ def _one_entry_per_run(entries: list[Entry]) -> list[Entry]:
 
 
 def _plot_cells(report: Report, ax: Any) -> None:
-    points = [c for c in report.cells() if c.mean is not None and c.published is not None]
-    values = [v for c in points for v in (c.published, c.mean)] or [60.0, 80.0]
+    points = [c for c in report.cells() if c.mean is not None and c.published.top1 is not None]
+    values = [v for c in points for v in (c.published.top1, c.mean)] or [60.0, 80.0]
     low, high = math.floor(min(values)) - 1, math.ceil(max(values)) + 1
     ax.plot([low, high], [low, high], color="0.6", linestyle="--", linewidth=1, label="reproduced = published")
     for table, marker in zip(presets.TABLES, "os"):
         mine = [c for c in points if c.key.table == table]
         if mine:
-            ax.errorbar([c.published for c in mine], [c.mean for c in mine], yerr=[c.std or 0.0 for c in mine],
+            ax.errorbar([c.published.top1 for c in mine], [c.mean for c in mine], yerr=[c.std or 0.0 for c in mine],
                         fmt=marker, capsize=3, label=presets.TABLES[table])
         for c in mine:
-            ax.annotate(f"{c.key.row}×{c.key.loss}", (c.published, c.mean), textcoords="offset points",
+            ax.annotate(f"{c.key.row}×{c.key.loss}", (c.published.top1, c.mean), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
     if not points:
         ax.text(0.5, 0.5, "no reproduced cells yet", transform=ax.transAxes, ha="center", va="center")
