@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from pydantic import ValidationError
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -35,6 +36,7 @@ from mauctl.config import LINCLS_OPTIM, LossConfig, PretrainConfig, loss_name
 from mauctl.data.folder import class_list_digest
 from mauctl.engine.progress import read_metrics
 from mauctl.errors import UsageError
+from mauctl.terminal import bullets, emphasis_name, emphasised, fits, paragraph
 
 FORMATS = ("rich", "markdown", "csv", "json")
 RESULTS_FORMAT = "mauctl.lincls-results/"
@@ -47,9 +49,13 @@ DIAGNOSTICS = ("align_metric", "unif_metric", "knn_top1")  # the pretraining run
 CSV_FIELDS = CSV_FIELDS_1 + list(DIAGNOSTICS)
 AUG_LABELS = {"v1": "Normal", "v2": "Strong Aug. + MLP Head + Cosine LR"}
 OFF = "†"  # marks a cell that has runs listed under "Not in the table", and those runs
-LEGEND = (f"Published / reproduced (difference); reproduced = best top-1 of the linear probe, mean ± std over "
-          f"seeds. Bold: best of the row (reproduced when the row has runs, else published). "
-          f"{OFF}: runs listed under \"Not in the table\".")
+
+
+def legend(bold: str = "Bold") -> str:
+    """What the cells say; ``bold`` names the mark of a row's best (bold is invisible in a pipe)."""
+    return (f"Published / reproduced (difference); reproduced = best top-1 of the linear probe, mean ± std "
+            f"over seeds. {bold}: best of the row (reproduced when the row has runs, else published). "
+            f"{OFF}: runs listed under \"Not in the table\".")
 
 # How each departure from the published protocol is said: "{have}, not {want}", or for a boolean
 # key the phrase for (have true, have false). The pretraining keys are the protocol besides the
@@ -594,7 +600,7 @@ def _pct(value: float | None) -> str:
 
 def render_markdown(report: Report) -> str:
     losses = list(presets.loss_columns())
-    lines = [MARKDOWN_MARKER, "", "# Reference validation accuracy", "", LEGEND]
+    lines = [MARKDOWN_MARKER, "", "# Reference validation accuracy", "", legend()]
     for table, rows in report.tables.items():
         lines += ["", f"## {presets.TABLES[table]}", "", _md_row(HEAD + losses),
                   _md_row(["---"] * (len(HEAD) + len(losses)))]
@@ -626,45 +632,97 @@ def _md_row(cells: list[str]) -> str:
 
 
 def render_rich(report: Report, console: Console) -> None:
-    losses = list(presets.loss_columns())
+    """The report in a terminal or a pipe. The tables are laid out as in the README where they fit
+    the console; where they do not, each row of the table is a heading over one line per loss, and
+    each run and probe of the diagnostics two lines, so no loss, run or number is cut. The runs that
+    are not in the table are listed with one reason per line."""
     console.print(TITLE, markup=False, highlight=False)
     for table, rows in report.tables.items():
-        t = Table(title=presets.TABLES[table], title_justify="left")
-        for name in HEAD:
-            t.add_column(name, no_wrap=name != "Augmentation")
-        for loss in losses:
-            t.add_column(loss, justify="right")
-        for i, row in enumerate(rows):
-            cells = [Text(cell_text(c) + (f" {OFF}" if c.off_protocol else ""), style="bold" if c.best else "")
-                     for c in row.cells]
-            t.add_row(*row_head(rows, i), *cells)
-        console.print(t)
+        console.print()
+        wide = _cells_table(table, rows, console)
+        console.print(wide if fits(console, wide) else _cells_by_row(table, rows, console))
     if report.not_in_table:
-        t = Table(title="Not in the table: runs of a cell that differ from the published protocol",
-                  title_justify="left")
-        for name in NOT_IN_TABLE_HEAD:
-            t.add_column(name)
-        for e, k, r in report.not_in_table:
-            t.add_row(*(Text(s) for s in not_in_table_row(e, k, r, report)))
-        console.print(t)
+        console.print()
+        console.print(Text("Not in the table: runs of a cell that differ from the published protocol",
+                           style="italic"))
+        for e, k, reasons in report.not_in_table:
+            paragraph(console, f"{OFF} {e.label}, probe {e.probe}: top-1 {_pct(e.best_top1)}")
+            paragraph(console, f"  in {cell_name(k)}, published {report.cell(k).published.text}")
+            console.print(bullets(reasons, indent=2))
     if report.other:
-        t = Table(title="Other runs", title_justify="left")
-        for name in OTHER_HEAD:
-            t.add_column(name)
-        for e, r in report.other:
-            t.add_row(*(Text(s) for s in other_row(e, r)))
-        console.print(t)
+        console.print()
+        console.print(Text("Other runs: not a cell of the published tables", style="italic"))
+        for e, reasons in report.other:
+            paragraph(console, f"{e.label}, probe {e.probe}: top-1 {_pct(e.best_top1)}, top-5 {_pct(e.top5)}")
+            paragraph(console, f"  dataset {dataset_name(e)}, preset {e.manifest.get('preset') or '-'}, "
+                               f"loss {loss_label(e)}")
+            console.print(bullets(reasons, indent=2))
     if report.entries:
-        t = Table(title="Representation diagnostics", caption=DIAGNOSTICS_LEGEND, title_justify="left",
-                  caption_justify="left")
-        for name in DIAGNOSTICS_HEAD:
-            t.add_column(name, justify="left" if name in ("Run", "Loss", "Probe") else "right")
-        for e in report.entries:
-            t.add_row(*(Text(s) for s in diagnostics_row(e)))
-        console.print(t)
-    console.print(LEGEND, markup=False, highlight=False)
+        console.print()
+        wide = _diagnostics_table(report)
+        if fits(console, wide):
+            console.print(wide)
+        else:
+            console.print(Text("Representation diagnostics", style="italic"))
+            paragraph(console, DIAGNOSTICS_LEGEND)
+            for e in report.entries:
+                paragraph(console, f"{e.label} ({loss_label(e)}), probe {e.probe}: top-1 {_pct(e.best_top1)}")
+                paragraph(console, "  " + _diagnostics_line(e))
+    console.print()
+    paragraph(console, legend(emphasis_name(console).capitalize()))
     for note in report.notes:
-        console.print(f"note: {note}", markup=False, highlight=False)
+        paragraph(console, f"note: {note}")
+
+
+def _cell(cell: Cell, console: Console) -> Text:
+    text = emphasised(cell_text(cell), console) if cell.best else Text(cell_text(cell))
+    return text + (f" {OFF}" if cell.off_protocol else "")
+
+
+def _cells_table(table: str, rows: list[Row], console: Console) -> Table:
+    """The README's layout: a row per (augmentation, batch, LR), a column per loss."""
+    t = Table(title=presets.TABLES[table], title_justify="left")
+    for name in HEAD:
+        # the augmentation on two lines ("Strong Aug. + MLP" / "Head + Cosine LR") rather than a wider table
+        t.add_column(name, no_wrap=name != "Augmentation", max_width=17 if name == "Augmentation" else None)
+    for loss in presets.loss_columns():
+        t.add_column(loss, justify="right", no_wrap=True)
+    for i, row in enumerate(rows):
+        t.add_row(*row_head(rows, i), *(_cell(c, console) for c in row.cells))
+    return t
+
+
+def _cells_by_row(table: str, rows: list[Row], console: Console) -> Group:
+    """The same table for a narrow console: each row a heading, then one line per loss."""
+    width = max(len(loss) for loss in presets.loss_columns())
+    parts: list[RenderableType] = [Text(presets.TABLES[table], style="italic")]
+    for row in rows:
+        parts.append(Text(f"{AUG_LABELS.get(row.aug, row.aug)}, batch {row.batch_size}, LR {row.lr:g}"))
+        lines = Table.grid(padding=(0, 2))
+        lines.add_column(width=width, no_wrap=True)
+        lines.add_column()
+        for cell in row.cells:
+            lines.add_row(cell.key.loss, _cell(cell, console))
+        parts.append(Padding(lines, (0, 0, 0, 2), expand=False))
+    return Group(*parts)
+
+
+def _diagnostics_table(report: Report) -> Table:
+    t = Table(title="Representation diagnostics", caption=DIAGNOSTICS_LEGEND, title_justify="left",
+              caption_justify="left")
+    for name in DIAGNOSTICS_HEAD:
+        t.add_column(name, justify="left" if name in ("Run", "Loss", "Probe") else "right", no_wrap=True)
+    for e in report.entries:
+        t.add_row(*(Text(s) for s in diagnostics_row(e)))
+    return t
+
+
+def _diagnostics_line(entry: Entry) -> str:
+    if not entry.diagnostics:
+        return "no eval records in its metrics.jsonl"
+    _, _, _, _, align, unif, knn, epochs = diagnostics_row(entry)
+    epochs_done = f"after {epochs} epoch" + ("" if epochs == "1" else "s")
+    return f"align {align}, uniform {unif}, kNN top-1 {knn}, {epochs_done}"
 
 
 def render_rich_text(report: Report, width: int = 200) -> str:
