@@ -119,10 +119,15 @@ class Entry:
 
     @property
     def label(self) -> str:
+        """The run directory; for a checkpoint from elsewhere, the checkpoint when its stored path is
+        absolute, else the folder the results lie in. A relative stored path is relative to wherever
+        the probe ran (the demo's folder, say), which says nothing about where the report runs."""
         if self.run is not None:
             return _shown_path(self.run)
         checkpoint = (self.results.get("pretrain") or {}).get("path")
-        return _shown_path(Path(checkpoint)) if checkpoint else _shown_path(self.results_path.parent)
+        if checkpoint and Path(checkpoint).is_absolute():
+            return _shown_path(Path(checkpoint))
+        return _shown_path(self.results_path.parent)
 
 
 def collect(paths: Sequence[Path], notes: list[str] | None = None) -> list[Entry]:

@@ -432,6 +432,31 @@ def test_a_custom_loss_and_an_external_checkpoint_are_other_runs(tmp_path, monke
     ]
 
 
+def write_random_init_probe(folder: Path, checkpoint: str, scratch: Path) -> Path:
+    """What `mauctl demo` leaves in ``folder``: the probe of a torchvision state dict, its path stored as given."""
+    results = json.loads(add_probe(make_run(scratch, "x", preset="demo", loss="align3-unif3", dataset="digits"),
+                                   12.5, name="random-init").read_text())
+    results["pretrain"].update(source="torchvision", path=checkpoint, run_dir=None, config=None, epoch=None)
+    return write_probe_folder(folder / "lincls", results)
+
+
+def test_the_demo_baseline_is_labelled_where_its_results_lie_wherever_the_report_runs(tmp_path, monkeypatch):
+    # `mauctl demo --out runs`, run in tmp_path, stored the checkpoint path relative to tmp_path
+    write_random_init_probe(tmp_path / "runs" / "demo-random-init", "runs/demo-random-init/encoder.pt",
+                            scratch=tmp_path / "scratch")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for cwd, argument, label in [
+        (tmp_path, "runs/demo-random-init", "runs/demo-random-init/lincls"),
+        (tmp_path / "runs", ".", "demo-random-init/lincls"),
+        (elsewhere, str(tmp_path / "runs" / "demo-random-init"), f"{tmp_path}/runs/demo-random-init/lincls"),
+    ]:
+        monkeypatch.chdir(cwd)
+        data = json.loads(invoke(argument, "--format", "json").stdout)
+        assert [(e["run"], e["probe"], e["best_top1"]) for e in data["other_runs"]] == \
+            [(label, "random-init", 12.5)], cwd
+
+
 def test_out_writes_the_report_and_refuses_a_foreign_file(runs, tmp_path):
     target = tmp_path / "table.md"
     result = invoke("runs", "--format", "markdown", "--out", str(target))
