@@ -501,13 +501,35 @@ def test_plot_scatters_uniformity_against_alignment_coloured_by_top1(runs):
 
     add_probe(runs / "v1-b128_contr-t0.07", 80.0, name="cached", kind="cached-features")  # a second probe
     fig = plot_figure(build_tables(collect([runs])))
-    scatter = fig.axes[1]
+    cells, scatter, _colorbar = fig.axes
+    assert cells.get_title() == "Linear top-1: reproduced vs published" and fig.get_suptitle() == ""
     assert "Alignment and uniformity" in scatter.get_title()
     (dots,) = scatter.collections
     # one point per run with eval records, in report order: demo, then v1-b128 (its last record, not its
     # first), coloured by its published-protocol probe rather than its cached one
     assert dots.get_offsets().tolist() == [[-3.0, 0.25], [-3.56789, 0.41234]]
     assert dots.get_array().tolist() == [91.3, 72.8]
+    # the points with 15% of their spread around them
+    assert scatter.get_xlim() == pytest.approx((-3.56789 - 0.15 * 0.56789, -3.0 + 0.15 * 0.56789))
+    assert scatter.get_ylim() == pytest.approx((0.25 - 0.15 * 0.16234, 0.41234 + 0.15 * 0.16234))
+
+
+def test_plot_without_a_reproduced_cell_is_the_scatter_alone_and_frames_one_run_readably(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from mauctl.report import NO_CELL_NOTE, build_tables, collect, plot_figure
+
+    monkeypatch.chdir(tmp_path)
+    demo = make_run(tmp_path / "runs", "demo", preset="demo", loss="align3-unif3", dataset="digits")
+    add_probe(demo, 91.3)
+    add_evals(demo, (0.9, -0.5, 20.0), (0.25, -3.0, 80.0))
+    fig = plot_figure(build_tables(collect([tmp_path / "runs"])))
+    scatter, colorbar = fig.axes  # no reproduced-vs-published panel: it would be an empty diagonal
+    assert scatter.get_title() == "Alignment and uniformity of each run (colour: linear top-1)"
+    assert colorbar.get_ylabel() == "linear top-1 (%)"
+    assert fig.get_suptitle() == NO_CELL_NOTE
+    # one run: a frame of 0.2 around its point, not ±1e-4 of rounding noise
+    assert scatter.get_xlim() == pytest.approx((-3.1, -2.9))
+    assert scatter.get_ylim() == pytest.approx((0.15, 0.35))
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(runs, tmp_path, monkeypatch):
