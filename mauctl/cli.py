@@ -226,57 +226,10 @@ def presets(
 
     if fmt not in ("rich", "json"):
         raise UsageError(f"--format {fmt!r}: expected rich or json")
-    all_presets = p.all_presets()
-    cells = p.cells()
     if fmt == "json":
-        rows = [
-            {"dataset": c.dataset, "preset": c.preset, "loss": c.loss, "top1": c.top1, "label": c.label,
-             "best": c.best, "spread": c.spread}
-            for c in cells
-        ]
-        rows += [
-            {"dataset": None, "preset": q.name, "loss": None, "top1": None, "command": q.command,
-             "description": q.description}
-            for q in all_presets if q.reference is None
-        ]
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    losses = list(p.loss_columns())
-    for dataset, title in p.TABLES.items():
-        table = Table(title=f"{title}: published linear top-1 (%) per preset (row) and --loss (column)",
-                      title_justify="left")
-        table.add_column("preset", style="bold cyan", no_wrap=True)
-        for loss in losses:
-            table.add_column(loss + (" *" if loss == p.DEFAULT_LOSS else ""), justify="right", overflow="fold")
-        for q in all_presets:
-            if q.reference is None or q.reference[0] != dataset:
-                continue
-            row = [q.name]
-            for loss in losses:
-                cell = next(c for c in cells if c.preset == q.name and c.loss == loss)
-                row.append(_cell_text(cell))
-            table.add_row(*row)
-        out.print(table)
-    table = Table(title="All presets", title_justify="left")
-    table.add_column("preset", style="bold cyan", no_wrap=True)
-    table.add_column("command")
-    table.add_column("reproduces")
-    table.add_column("description")
-    for q in all_presets:
-        where = f"{p.TABLES[q.reference[0]]} row {q.reference[1]}" if q.reference else "-"
-        table.add_row(q.name, q.command, where, q.description)
-    out.print(table)
-    out.print("* default loss. [bold]bold[/] = best of its row; (name) = the method the README names; "
-              "- = not published. Use: mauctl pretrain DATA --preset PRESET --loss LOSS")
-
-
-def _cell_text(cell: Any) -> str:
-    if cell.top1 is None:
-        return "-"
-    text = f"{cell.top1:g}" + (f" ± {cell.spread:g}" if cell.spread else "")
-    if cell.label:
-        text += f" ({cell.label})"
-    return f"[bold]{text}[/]" if cell.best else text
+        typer.echo(json.dumps(p.presets_data(), indent=2))
+    else:
+        p.render_presets(out)
 
 
 # ---------------------------------------------------------------- pretrain

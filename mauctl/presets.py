@@ -3,8 +3,9 @@
 A preset is a TOML config file under ``presets/`` (installed as ``mauctl/presets``) with an
 optional ``[preset]`` table: ``command`` (pretrain or lincls), ``description`` and, for the
 rows of the published table, ``reference = "<table>:<row>"``. The loss columns and the
-published top-1 of each cell come from ``mauctl/resources/reference_table.toml``, a copy of
-the table in the moco_align_uniform README.
+published top-1 of each cell (a ``PublishedCell``) come from
+``mauctl/resources/reference_table.toml``, a copy of the table in the moco_align_uniform README.
+`mauctl presets` prints them (``render_presets``, ``presets_data``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
 from mauctl.errors import UsageError, did_you_mean
+from mauctl.terminal import emphasis_name, emphasised, fits, paragraph
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_LOSS = "align3-unif3"
@@ -121,37 +127,136 @@ def loss_values(name: str) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
-class Cell:
-    dataset: str
-    preset: str
-    loss: str
-    top1: float | None
-    label: str | None = None
-    best: bool = False
-    spread: float | None = None
+class PublishedCell:
+    """A cell of the published table: a row (the protocol a preset reproduces) and a loss column."""
+
+    table: str  # "imagenet100" or "imagenet"
+    row: str  # e.g. "v2-b256"
+    loss: str  # e.g. "align3-unif3"
+    top1: float | None  # None where the README publishes no number
+    spread: float | None = None  # the ± the README gives, where it gives one
+    label: str | None = None  # the method the README names in this cell, e.g. "MoCo v2"
+    best: bool = False  # the README marks it the best of its row
+    preset: str | None = None  # the preset whose reference is this row
+
+    @property
+    def text(self) -> str:
+        """``73.12 (MoCo)``, ``67.5 ± 0.1 (MoCo v2)``, ``-`` where nothing was published."""
+        if self.top1 is None:
+            return "-"
+        text = f"{self.top1:g}" + (f" ± {self.spread:g}" if self.spread else "")
+        return text + (f" ({self.label})" if self.label else "")
 
 
-def cells() -> list[Cell]:
-    """Every (preset, loss column) of the published tables, with its top-1 where one was published."""
+def published_cells() -> list[PublishedCell]:
+    """Every (row, loss column) of the published tables, table by table and row by row."""
     table = reference_table()
-    rows = {}
+    preset_of_row = {p.reference: p.name for p in all_presets() if p.reference}
+    return [
+        PublishedCell(
+            table=dataset,
+            row=row["row"],
+            loss=loss,
+            top1=row["top1"].get(loss),
+            spread=row.get("spread", {}).get(loss),
+            label=row.get("label", {}).get(loss),
+            best=row.get("best") == loss,
+            preset=preset_of_row.get((dataset, row["row"])),
+        )
+        for dataset in TABLES
+        for row in table[dataset]
+        for loss in loss_columns()
+    ]
+
+
+# ---------------------------------------------------------------- `mauctl presets`
+
+
+def presets_data() -> list[dict[str, Any]]:
+    """`mauctl presets --format json`: every published cell of a preset's row, then the other presets."""
+    rows: list[dict[str, Any]] = [
+        {"dataset": c.table, "preset": c.preset, "loss": c.loss, "top1": c.top1, "label": c.label,
+         "best": c.best, "spread": c.spread}
+        for c in published_cells() if c.preset is not None
+    ]
+    rows += [
+        {"dataset": None, "preset": p.name, "loss": None, "top1": None, "command": p.command,
+         "description": p.description}
+        for p in all_presets() if p.reference is None
+    ]
+    return rows
+
+
+def render_presets(console: Console) -> None:
+    """The published top-1 of each preset's row and loss column, then every preset with its description.
+
+    The table is the README's (presets as rows, losses as columns) where it fits the console, else
+    turned on its side and split across as many tables as it takes, so no loss name is cut.
+    """
+    cells = published_cells()
+    for table, title in TABLES.items():
+        mine = [c for c in cells if c.table == table and c.preset is not None]
+        heading = f"{title}: published linear top-1 (%) per"
+        wide = _presets_by_loss(mine, console, f"{heading} --preset (row) and --loss (column)")
+        if fits(console, wide):
+            console.print(wide)
+        else:
+            turned_title = f"{heading} --loss (row) and --preset (column)"
+            for turned in _losses_by_preset_that_fit(mine, console, turned_title):
+                console.print(turned)
+    console.print(_preset_descriptions())
+    paragraph(console, f"Default --loss: {DEFAULT_LOSS}. {emphasis_name(console)}: the best of its row, as "
+                       "the README marks it; (name): the method the README names; -: not published. "
+                       "Use: mauctl pretrain DATA --preset PRESET --loss LOSS")
+
+
+def _cell(cell: PublishedCell, console: Console) -> Text:
+    return emphasised(cell.text, console) if cell.best else Text(cell.text)
+
+
+def _presets_by_loss(cells: list[PublishedCell], console: Console, title: str) -> Table:
+    """The README's layout: one row per preset, one column per loss."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("preset", style="bold cyan", no_wrap=True)
+    for loss in loss_columns():
+        table.add_column(loss, justify="right", no_wrap=True)
+    for preset in dict.fromkeys(c.preset for c in cells):
+        table.add_row(preset, *(_cell(c, console) for c in cells if c.preset == preset))
+    return table
+
+
+def _losses_by_preset(cells: list[PublishedCell], names: list[str], console: Console,
+                      title: str | None) -> Table:
+    """The same table turned on its side: one row per loss, one column per preset in ``names``."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("loss", style="bold cyan", no_wrap=True)
+    for name in names:
+        table.add_column(name, justify="right", no_wrap=True)
+    for loss in loss_columns():
+        table.add_row(loss, *(_cell(c, console) for c in cells if c.loss == loss and c.preset in names))
+    return table
+
+
+def _losses_by_preset_that_fit(cells: list[PublishedCell], console: Console, title: str) -> list[Table]:
+    """The turned table split, in order, into as few tables as fit the console; the title over the first."""
+    chunks: list[list[str]] = []
+    for preset in dict.fromkeys(c.preset for c in cells):
+        if chunks and fits(console, _losses_by_preset(cells, chunks[-1] + [preset], console, None)):
+            chunks[-1].append(preset)
+        else:
+            chunks.append([preset])  # alone, even where it does not fit: nothing narrower exists
+    return [_losses_by_preset(cells, chunk, console, None if i else title) for i, chunk in enumerate(chunks)]
+
+
+def _preset_descriptions() -> Table:
+    table = Table(title="All presets (--preset NAME)", title_justify="left")
+    table.add_column("preset", style="bold cyan", no_wrap=True)
+    table.add_column("command", no_wrap=True)
+    table.add_column("description")
     for preset in all_presets():
+        description = preset.description
         if preset.reference:
-            rows[preset.reference] = preset.name
-    out = []
-    for dataset in TABLES:
-        for row in table[dataset]:
-            preset = rows.get((dataset, row["row"]))
-            if preset is None:
-                continue
-            for loss in loss_columns():
-                out.append(Cell(
-                    dataset=dataset,
-                    preset=preset,
-                    loss=loss,
-                    top1=row["top1"].get(loss),
-                    label=row.get("label", {}).get(loss),
-                    best=row.get("best") == loss,
-                    spread=row.get("spread", {}).get(loss),
-                ))
-    return out
+            dataset, row = preset.reference
+            description += f" Row {row} of the {TABLES[dataset]} table."
+        table.add_row(preset.name, preset.command, description)
+    return table

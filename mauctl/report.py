@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from pydantic import ValidationError
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -35,6 +36,7 @@ from mauctl.config import LINCLS_OPTIM, LossConfig, PretrainConfig, loss_name
 from mauctl.data.folder import class_list_digest
 from mauctl.engine.progress import read_metrics
 from mauctl.errors import UsageError
+from mauctl.terminal import bullets, emphasis_name, emphasised, fits, paragraph
 
 FORMATS = ("rich", "markdown", "csv", "json")
 RESULTS_FORMAT = "mauctl.lincls-results/"
@@ -47,9 +49,13 @@ DIAGNOSTICS = ("align_metric", "unif_metric", "knn_top1")  # the pretraining run
 CSV_FIELDS = CSV_FIELDS_1 + list(DIAGNOSTICS)
 AUG_LABELS = {"v1": "Normal", "v2": "Strong Aug. + MLP Head + Cosine LR"}
 OFF = "†"  # marks a cell that has runs listed under "Not in the table", and those runs
-LEGEND = (f"Published / reproduced (difference); reproduced = best top-1 of the linear probe, mean ± std over "
-          f"seeds. Bold: best of the row (reproduced when the row has runs, else published). "
-          f"{OFF}: runs listed under \"Not in the table\".")
+
+
+def legend(bold: str = "Bold") -> str:
+    """What the cells say; ``bold`` names the mark of a row's best (bold is invisible in a pipe)."""
+    return (f"Published / reproduced (difference); reproduced = best top-1 of the linear probe, mean ± std "
+            f"over seeds. {bold}: best of the row (reproduced when the row has runs, else published). "
+            f"{OFF}: runs listed under \"Not in the table\".")
 
 # How each departure from the published protocol is said: "{have}, not {want}", or for a boolean
 # key the phrase for (have true, have false). The pretraining keys are the protocol besides the
@@ -113,10 +119,15 @@ class Entry:
 
     @property
     def label(self) -> str:
+        """The run directory; for a checkpoint from elsewhere, the checkpoint when its stored path is
+        absolute, else the folder the results lie in. A relative stored path is relative to wherever
+        the probe ran (the demo's folder, say), which says nothing about where the report runs."""
         if self.run is not None:
             return _shown_path(self.run)
         checkpoint = (self.results.get("pretrain") or {}).get("path")
-        return _shown_path(Path(checkpoint)) if checkpoint else _shown_path(self.results_path.parent)
+        if checkpoint and Path(checkpoint).is_absolute():
+            return _shown_path(Path(checkpoint))
+        return _shown_path(self.results_path.parent)
 
 
 def collect(paths: Sequence[Path], notes: list[str] | None = None) -> list[Entry]:
@@ -413,13 +424,16 @@ def _shown_path(path: Path) -> str:
 
 @dataclass
 class Cell:
-    key: CellKey
-    published: float | None
-    spread: float | None
-    label: str | None
+    """A cell of the report: the published number and the user's runs that reproduce it."""
+
+    published: presets.PublishedCell
     entries: list[Entry] = field(default_factory=list)  # the published protocol, exactly
     off_protocol: list[Entry] = field(default_factory=list)  # listed under "Not in the table"
-    best: bool = False
+    best: bool = False  # of its row: by reproduced mean when the row has runs, else by published top-1
+
+    @property
+    def key(self) -> CellKey:
+        return CellKey(self.published.table, self.published.row, self.published.loss)
 
     @property
     def values(self) -> list[float]:
@@ -439,7 +453,8 @@ class Cell:
 
     @property
     def diff(self) -> float | None:
-        return None if self.mean is None or self.published is None else self.mean - self.published
+        top1 = self.published.top1
+        return None if self.mean is None or top1 is None else self.mean - top1
 
 
 @dataclass
@@ -470,15 +485,12 @@ class Report:
 
 def build_tables(entries: Sequence[Entry], notes: Sequence[str] = ()) -> Report:
     reference = presets.reference_table()
-    losses = list(presets.loss_columns())
+    published = presets.published_cells()
     tables = {}
     for table in presets.TABLES:
         tables[table] = [
-            Row(table, row["row"], row["aug"], row["batch_size"], row["lr"], [
-                Cell(CellKey(table, row["row"], loss), row["top1"].get(loss), row.get("spread", {}).get(loss),
-                     row.get("label", {}).get(loss))
-                for loss in losses
-            ])
+            Row(table, row["row"], row["aug"], row["batch_size"], row["lr"],
+                [Cell(c) for c in published if (c.table, c.row) == (table, row["row"])])
             for row in reference[table]
         ]
     report = Report(tables, [], [], list(notes), list(entries))
@@ -491,44 +503,36 @@ def build_tables(entries: Sequence[Entry], notes: Sequence[str] = ()) -> Report:
             report.cell(key).off_protocol.append(entry)
         else:
             report.cell(key).entries.append(entry)
-    for table, rows in tables.items():
-        published_best = {row["row"]: row.get("best") for row in reference[table]}
+    for rows in tables.values():
         for row in rows:
-            _mark_best(row, published_best[row.name])
+            _mark_best(row)
     if not entries:
         report.notes.append("No finished runs were found: only the published numbers are shown.")
     return report
 
 
-def _mark_best(row: Row, published_best: str | None) -> None:
+def _mark_best(row: Row) -> None:
     reproduced = [c for c in row.cells if c.mean is not None]
     if reproduced:
         top = max(c.mean for c in reproduced)
         for c in reproduced:
             c.best = math.isclose(c.mean, top)
-    elif published_best is not None:
+    elif any(c.published.best for c in row.cells):  # the README marks the row's best
         for c in row.cells:
-            c.best = c.key.loss == published_best
+            c.best = c.published.best
     else:
-        published = [c for c in row.cells if c.published is not None]
-        top = max((c.published for c in published), default=None)
+        published = [c for c in row.cells if c.published.top1 is not None]
+        top = max((c.published.top1 for c in published), default=None)
         for c in published:
-            c.best = c.published == top
+            c.best = c.published.top1 == top
 
 
 # ---------------------------------------------------------------- text of cells and rows
 
 
-def published_text(cell: Cell) -> str:
-    if cell.published is None:
-        return "-"
-    text = f"{cell.published:g}" + (f" ± {cell.spread:g}" if cell.spread else "")
-    return text + (f" ({cell.label})" if cell.label else "")
-
-
 def cell_text(cell: Cell) -> str:
     """``73.12 (MoCo)``, ``73.12 (MoCo) / 72.80 (-0.32)``, ``75.62 / 75.10 ± 0.26 (n=3) (-0.52)``, ``-``."""
-    text = published_text(cell)
+    text = cell.published.text
     if cell.mean is None:
         return text
     reproduced = f"{cell.mean:.2f}" if cell.n == 1 else f"{cell.mean:.2f} ± {cell.std:.2f} (n={cell.n})"
@@ -569,7 +573,7 @@ def other_row(entry: Entry, reasons: list[str]) -> list[str]:
 
 def not_in_table_row(entry: Entry, key: CellKey, reasons: list[str], report: Report) -> list[str]:
     return [OFF, entry.label, entry.probe, cell_name(key), _pct(entry.best_top1),
-            published_text(report.cell(key)), "; ".join(reasons)]
+            report.cell(key).published.text, "; ".join(reasons)]
 
 
 def diagnostics_row(entry: Entry) -> list[str]:
@@ -601,7 +605,7 @@ def _pct(value: float | None) -> str:
 
 def render_markdown(report: Report) -> str:
     losses = list(presets.loss_columns())
-    lines = [MARKDOWN_MARKER, "", "# Reference validation accuracy", "", LEGEND]
+    lines = [MARKDOWN_MARKER, "", "# Reference validation accuracy", "", legend()]
     for table, rows in report.tables.items():
         lines += ["", f"## {presets.TABLES[table]}", "", _md_row(HEAD + losses),
                   _md_row(["---"] * (len(HEAD) + len(losses)))]
@@ -633,45 +637,97 @@ def _md_row(cells: list[str]) -> str:
 
 
 def render_rich(report: Report, console: Console) -> None:
-    losses = list(presets.loss_columns())
+    """The report in a terminal or a pipe. The tables are laid out as in the README where they fit
+    the console; where they do not, each row of the table is a heading over one line per loss, and
+    each run and probe of the diagnostics two lines, so no loss, run or number is cut. The runs that
+    are not in the table are listed with one reason per line."""
     console.print(TITLE, markup=False, highlight=False)
     for table, rows in report.tables.items():
-        t = Table(title=presets.TABLES[table], title_justify="left")
-        for name in HEAD:
-            t.add_column(name, no_wrap=name != "Augmentation")
-        for loss in losses:
-            t.add_column(loss, justify="right")
-        for i, row in enumerate(rows):
-            cells = [Text(cell_text(c) + (f" {OFF}" if c.off_protocol else ""), style="bold" if c.best else "")
-                     for c in row.cells]
-            t.add_row(*row_head(rows, i), *cells)
-        console.print(t)
+        console.print()
+        wide = _cells_table(table, rows, console)
+        console.print(wide if fits(console, wide) else _cells_by_row(table, rows, console))
     if report.not_in_table:
-        t = Table(title="Not in the table: runs of a cell that differ from the published protocol",
-                  title_justify="left")
-        for name in NOT_IN_TABLE_HEAD:
-            t.add_column(name)
-        for e, k, r in report.not_in_table:
-            t.add_row(*(Text(s) for s in not_in_table_row(e, k, r, report)))
-        console.print(t)
+        console.print()
+        console.print(Text("Not in the table: runs of a cell that differ from the published protocol",
+                           style="italic"))
+        for e, k, reasons in report.not_in_table:
+            paragraph(console, f"{OFF} {e.label}, probe {e.probe}: top-1 {_pct(e.best_top1)}")
+            paragraph(console, f"  in {cell_name(k)}, published {report.cell(k).published.text}")
+            console.print(bullets(reasons, indent=2))
     if report.other:
-        t = Table(title="Other runs", title_justify="left")
-        for name in OTHER_HEAD:
-            t.add_column(name)
-        for e, r in report.other:
-            t.add_row(*(Text(s) for s in other_row(e, r)))
-        console.print(t)
+        console.print()
+        console.print(Text("Other runs: not a cell of the published tables", style="italic"))
+        for e, reasons in report.other:
+            paragraph(console, f"{e.label}, probe {e.probe}: top-1 {_pct(e.best_top1)}, top-5 {_pct(e.top5)}")
+            paragraph(console, f"  dataset {dataset_name(e)}, preset {e.manifest.get('preset') or '-'}, "
+                               f"loss {loss_label(e)}")
+            console.print(bullets(reasons, indent=2))
     if report.entries:
-        t = Table(title="Representation diagnostics", caption=DIAGNOSTICS_LEGEND, title_justify="left",
-                  caption_justify="left")
-        for name in DIAGNOSTICS_HEAD:
-            t.add_column(name, justify="left" if name in ("Run", "Loss", "Probe") else "right")
-        for e in report.entries:
-            t.add_row(*(Text(s) for s in diagnostics_row(e)))
-        console.print(t)
-    console.print(LEGEND, markup=False, highlight=False)
+        console.print()
+        wide = _diagnostics_table(report)
+        if fits(console, wide):
+            console.print(wide)
+        else:
+            console.print(Text("Representation diagnostics", style="italic"))
+            paragraph(console, DIAGNOSTICS_LEGEND)
+            for e in report.entries:
+                paragraph(console, f"{e.label} ({loss_label(e)}), probe {e.probe}: top-1 {_pct(e.best_top1)}")
+                paragraph(console, "  " + _diagnostics_line(e))
+    console.print()
+    paragraph(console, legend(emphasis_name(console).capitalize()))
     for note in report.notes:
-        console.print(f"note: {note}", markup=False, highlight=False)
+        paragraph(console, f"note: {note}")
+
+
+def _cell(cell: Cell, console: Console) -> Text:
+    text = emphasised(cell_text(cell), console) if cell.best else Text(cell_text(cell))
+    return text + (f" {OFF}" if cell.off_protocol else "")
+
+
+def _cells_table(table: str, rows: list[Row], console: Console) -> Table:
+    """The README's layout: a row per (augmentation, batch, LR), a column per loss."""
+    t = Table(title=presets.TABLES[table], title_justify="left")
+    for name in HEAD:
+        # the augmentation on two lines ("Strong Aug. + MLP" / "Head + Cosine LR") rather than a wider table
+        t.add_column(name, no_wrap=name != "Augmentation", max_width=17 if name == "Augmentation" else None)
+    for loss in presets.loss_columns():
+        t.add_column(loss, justify="right", no_wrap=True)
+    for i, row in enumerate(rows):
+        t.add_row(*row_head(rows, i), *(_cell(c, console) for c in row.cells))
+    return t
+
+
+def _cells_by_row(table: str, rows: list[Row], console: Console) -> Group:
+    """The same table for a narrow console: each row a heading, then one line per loss."""
+    width = max(len(loss) for loss in presets.loss_columns())
+    parts: list[RenderableType] = [Text(presets.TABLES[table], style="italic")]
+    for row in rows:
+        parts.append(Text(f"{AUG_LABELS.get(row.aug, row.aug)}, batch {row.batch_size}, LR {row.lr:g}"))
+        lines = Table.grid(padding=(0, 2))
+        lines.add_column(width=width, no_wrap=True)
+        lines.add_column()
+        for cell in row.cells:
+            lines.add_row(cell.key.loss, _cell(cell, console))
+        parts.append(Padding(lines, (0, 0, 0, 2), expand=False))
+    return Group(*parts)
+
+
+def _diagnostics_table(report: Report) -> Table:
+    t = Table(title="Representation diagnostics", caption=DIAGNOSTICS_LEGEND, title_justify="left",
+              caption_justify="left")
+    for name in DIAGNOSTICS_HEAD:
+        t.add_column(name, justify="left" if name in ("Run", "Loss", "Probe") else "right", no_wrap=True)
+    for e in report.entries:
+        t.add_row(*(Text(s) for s in diagnostics_row(e)))
+    return t
+
+
+def _diagnostics_line(entry: Entry) -> str:
+    if not entry.diagnostics:
+        return "no eval records in its metrics.jsonl"
+    _, _, _, _, align, unif, knn, epochs = diagnostics_row(entry)
+    epochs_done = f"after {epochs} epoch" + ("" if epochs == "1" else "s")
+    return f"align {align}, uniform {unif}, kNN top-1 {knn}, {epochs_done}"
 
 
 def render_rich_text(report: Report, width: int = 200) -> str:
@@ -700,7 +756,8 @@ def report_data(report: Report) -> dict[str, Any]:
             "row": row.name, "aug": row.aug, "augmentation": AUG_LABELS.get(row.aug, row.aug),
             "batch_size": row.batch_size, "lr": row.lr,
             "cells": [{
-                "loss": c.key.loss, "published": c.published, "spread": c.spread, "label": c.label,
+                "loss": c.key.loss, "published": c.published.top1, "spread": c.published.spread,
+                "label": c.published.label,
                 "reproduced_mean": _r(c.mean), "reproduced_std": _r(c.std), "n": c.n, "diff": _r(c.diff),
                 "best": c.best, "text": cell_text(c), "entries": [entry_data(e) for e in c.entries],
                 "not_in_table": len(c.off_protocol),
@@ -709,7 +766,8 @@ def report_data(report: Report) -> dict[str, Any]:
     return {
         "format": REPORT_FORMAT,
         "tables": tables,
-        "not_in_table": [{**entry_data(e), **k._asdict(), "published": report.cell(k).published, "reasons": r}
+        "not_in_table": [{**entry_data(e), **k._asdict(), "published": report.cell(k).published.top1,
+                          "reasons": r}
                          for e, k, r in report.not_in_table],
         "other_runs": [{**entry_data(e), "dataset": dataset_name(e), "preset": e.manifest.get("preset"),
                         "loss": loss_label(e), "reasons": r} for e, r in report.other],
@@ -759,13 +817,26 @@ def write_plot(report: Report, path: Path) -> None:
         fig.savefig(tmp, format="png", metadata={"Software": TITLE})
 
 
+NO_CELL_NOTE = ("No run reproduces a cell of the published tables yet (they need ImageNet-100 or ImageNet "
+                "pretraining), so there is no reproduced-vs-published panel.")
+# Both metrics of unit vectors span a few units (alignment in [0, 4], uniformity about [-4, 0]): a frame
+# narrower than this would blow one run's point up into a window of rounding noise.
+MIN_METRIC_SPAN = 0.2
+
+
 def plot_figure(report: Report) -> Any:
-    """Two panels: reproduced vs published top-1 per cell, and the paper's uniformity-alignment scatter per run."""
+    """The paper's uniformity-alignment scatter, one point per run, and on its left the reproduced vs
+    published top-1 of each table cell once a run reproduces one (before, it would be an empty diagonal)."""
     Figure, FigureCanvasAgg = _matplotlib()
-    fig = Figure(figsize=(14, 7), dpi=100, layout="constrained")
+    reproduced = [c for c in report.cells() if c.mean is not None and c.published.top1 is not None]
+    fig = Figure(figsize=(14, 7) if reproduced else (8, 7), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
-    _plot_cells(report, left)
+    if reproduced:
+        left, right = fig.subplots(1, 2)
+        _plot_cells(reproduced, left)
+    else:
+        right = fig.subplots()
+        fig.suptitle(NO_CELL_NOTE, fontsize=9, wrap=True)
     _plot_align_unif(report, fig, right)
     return fig
 
@@ -789,7 +860,15 @@ def _plot_align_unif(report: Report, fig: Any, ax: Any) -> None:
     fig.colorbar(dots, ax=ax, label="linear top-1 (%)")
     for e, xi, yi in zip(points, x, y):
         ax.annotate(e.label, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.margins(0.15)
+    ax.set(xlim=_frame(x, MIN_METRIC_SPAN), ylim=_frame(y, MIN_METRIC_SPAN))
+
+
+def _frame(values: list[float], min_span: float) -> tuple[float, float]:
+    """Axis limits around ``values`` with 15% margins each side, and at least ``min_span`` wide."""
+    low, high = min(values), max(values)
+    half = max((high - low) * 1.3, min_span) / 2
+    middle = (low + high) / 2
+    return middle - half, middle + half
 
 
 def _one_entry_per_run(entries: list[Entry]) -> list[Entry]:
@@ -805,21 +884,19 @@ def _one_entry_per_run(entries: list[Entry]) -> list[Entry]:
     return list(best.values())
 
 
-def _plot_cells(report: Report, ax: Any) -> None:
-    points = [c for c in report.cells() if c.mean is not None and c.published is not None]
-    values = [v for c in points for v in (c.published, c.mean)] or [60.0, 80.0]
+def _plot_cells(points: list[Cell], ax: Any) -> None:
+    """Reproduced (mean ± std over seeds) vs published top-1, one point per reproduced cell."""
+    values = [v for c in points for v in (c.published.top1, c.mean)]
     low, high = math.floor(min(values)) - 1, math.ceil(max(values)) + 1
     ax.plot([low, high], [low, high], color="0.6", linestyle="--", linewidth=1, label="reproduced = published")
     for table, marker in zip(presets.TABLES, "os"):
         mine = [c for c in points if c.key.table == table]
         if mine:
-            ax.errorbar([c.published for c in mine], [c.mean for c in mine], yerr=[c.std or 0.0 for c in mine],
-                        fmt=marker, capsize=3, label=presets.TABLES[table])
+            ax.errorbar([c.published.top1 for c in mine], [c.mean for c in mine],
+                        yerr=[c.std or 0.0 for c in mine], fmt=marker, capsize=3, label=presets.TABLES[table])
         for c in mine:
-            ax.annotate(f"{c.key.row}×{c.key.loss}", (c.published, c.mean), textcoords="offset points",
+            ax.annotate(f"{c.key.row}×{c.key.loss}", (c.published.top1, c.mean), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
-    if not points:
-        ax.text(0.5, 0.5, "no reproduced cells yet", transform=ax.transAxes, ha="center", va="center")
     ax.set(xlim=(low, high), ylim=(low, high), xlabel="published top-1 (%)", ylabel="reproduced top-1 (%)",
            title="Linear top-1: reproduced vs published")
     ax.set_aspect("equal")

@@ -6,7 +6,9 @@ The expected numbers come from the spec's copy of the table, parsed here indepen
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -17,6 +19,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from conftest import run_mauctl
 from mauctl import cli, presets
 from mauctl.cli import app
 from mauctl.config import LinclsConfig, PretrainConfig, load_config, loss_name
@@ -85,13 +88,71 @@ def test_spec_table_unnesting_keeps_dotted_column_names(spec):
 # ---------------------------------------------------------------- `mauctl presets`
 
 
+def presets_text(width: int, terminal: bool = False) -> str:
+    """What `mauctl presets` prints at ``width`` columns: into a pipe, or into a colour terminal."""
+    buffer = io.StringIO()
+    presets.render_presets(Console(file=buffer, width=width, soft_wrap=True, force_terminal=terminal,
+                                   color_system="standard" if terminal else None))
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
+
+
 def test_presets_lists_every_preset_and_every_loss_column(monkeypatch):
     monkeypatch.setattr(cli, "out", Console(width=250, soft_wrap=True))
     result = CliRunner().invoke(app, ["presets"])
     assert result.exit_code == 0, result.output
     for name in ALL_PRESETS + LOSSES:
         assert name in result.stdout, name
-    assert "align3-unif3 *" in result.stdout  # the default column is marked
+    assert "Default --loss: align3-unif3." in result.stdout
+
+
+def test_presets_at_80_columns_or_in_a_pipe_turns_the_table_on_its_side_and_cuts_nothing(tmp_path):
+    result = run_mauctl("presets", cwd=tmp_path, COLUMNS="80")  # stdout is a pipe, as with `| cat`
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    # a row per loss, a column per preset, the six ImageNet-100 presets over two tables
+    assert """\
+┃ loss         ┃         v2-b128 ┃         v2-b256 ┃  v2-b256-lr0.06 ┃
+┡━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━┩
+│ contr-t0.07  │           73.92 │           69.64 │           73.36 │
+│ contr-t0.2   │ 77.54 (MoCo v2) │ 67.52 (MoCo v2) │ 76.32 (MoCo v2) │
+│ align2-unif2 │            77.4 │           66.92 │            75.5 │
+│ align3-unif3 │       **77.66** │           67.44 │           75.74 │
+│ align4-unif4 │            76.7 │           71.42 │           73.84 │
+""" in text
+    assert "┃ loss         ┃      v1-b128 ┃      v1-b256 ┃ v1-b256-lr0.06 ┃" in text
+    assert "│ contr-t0.2   │ 67.5 ± 0.1 (MoCo v2) │" in text
+    for name in ALL_PRESETS:
+        assert f"│ {name} " in text or f" {name} ┃" in text, name
+    assert "**bold**: the best of its row" in text
+
+
+@pytest.mark.parametrize("width", [100, 200])
+def test_presets_where_it_fits_is_the_readme_table(width):
+    text = presets_text(width)
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= width
+    assert "┃ preset         ┃  contr-t0.07 ┃      contr-t0.2 ┃ align2-unif2 ┃ align3-unif3 ┃ align4-unif4 ┃\n" \
+        in text
+    assert "│ v2-b128        │        73.92 │ 77.54 (MoCo v2) │         77.4 │    **77.66** │         76.7 │\n" \
+        in text
+    assert "│ in1k-v2-b256 │           - │ 67.5 ± 0.1 (MoCo v2) │            - │   **67.694** │            - │\n" \
+        in text
+
+
+def test_presets_in_a_terminal_marks_the_best_of_a_row_bold():
+    text = presets_text(100, terminal=True)
+    assert re.search(r"\x1b\[1m *77\.66\x1b\[0m", text)  # bold, right-justified in its column
+    assert "**" not in text and "bold: the best of its row" in text
+
+
+def test_every_preset_is_described_with_the_row_it_reproduces():
+    text = " ".join(presets_text(200).split())  # descriptions may wrap; compare word by word
+    for preset in presets.all_presets():
+        assert preset.description in text, preset.name
+    assert "Row v2-b256 of the ImageNet table." in text
+    assert "Row v1-b256-lr0.06 of the ImageNet-100 table." in text
 
 
 def test_presets_json_lists_every_preset():

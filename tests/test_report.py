@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -18,9 +19,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import run_mauctl
+from rich.console import Console
+
 from mauctl import presets
 from mauctl.cli import app
 from mauctl.config import PretrainConfig, load_config, to_toml
+from mauctl.report import run_report
 
 IN100_DIGEST = hashlib.sha256(
     ("\n".join(sorted(presets.resource_text("imagenet100_classes.txt").split())) + "\n").encode()
@@ -246,13 +251,105 @@ def test_no_runs_folder_still_prints_the_published_table(tmp_path, monkeypatch):
     assert "73.12 (MoCo)" in result.stdout and "No finished runs were found" in result.stdout
 
 
-def test_rich_output_has_the_tables_and_the_reasons(runs):
-    result = invoke("runs")
-    assert result.exit_code == 0, result.output
-    for text in ("ImageNet-100", "Strong Aug. + MLP Head + Cosine LR", "73.12 (MoCo) / 72.80 (-0.32)",
-                 "67.44 / 68.10 ± 0.20 (n=3) (+0.66)", "pretrained 100 epochs, not 200", "probe: cached features",
-                 "Other runs", "runs/demo_align3-unif3"):
-        assert text in result.stdout, text
+def rich_report(width: int, *paths: str, terminal: bool = False) -> str:
+    """What `mauctl report PATHS` prints at ``width`` columns: into a pipe, or into a colour terminal."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, soft_wrap=True, force_terminal=terminal,  # soft_wrap: as the CLI's
+                      color_system="standard" if terminal else None)
+    run_report([Path(p) for p in paths], console=console, err_console=console)
+    return buffer.getvalue()
+
+
+LOSS_COLUMNS = ["contr-t0.07", "contr-t0.2", "align2-unif2", "align3-unif3", "align4-unif4"]
+FABRICATED_RUNS = ["runs/v1-b128_contr-t0.07", "runs/v2-b256_align3-unif3_seed1", "runs/v2-b256_align3-unif3_seed2",
+                   "runs/v2-b256_align3-unif3_seed3", "runs/v2-b256_contr-t0.2", "runs/v2-b256_align3-unif3_e100",
+                   "runs/v1-b256_align3-unif3", "runs/v2-b128_align2-unif2", "runs/in1k_align3-unif3",
+                   "runs/demo_align3-unif3"]
+NOT_IN_THE_TABLE_AT_ANY_WIDTH = """\
+Not in the table: runs of a cell that differ from the published protocol
+† runs/v1-b256_align3-unif3, probe cached: top-1 68.90
+  in ImageNet-100 v1-b256 align3-unif3, published 69.66
+  - probe: cached features
+† runs/v2-b128_align2-unif2, probe lincls: top-1 71.25
+  in ImageNet-100 v2-b128 align2-unif2, published 77.4
+  - pretraining not finished (state stopped)
+  - probe unfinished (37/100 epochs)
+† runs/v2-b256_align3-unif3_e100, probe lincls: top-1 70.10
+  in ImageNet-100 v2-b256 align3-unif3, published 67.44
+  - pretrained 100 epochs, not 200
+
+Other runs: not a cell of the published tables
+runs/demo_align3-unif3, probe lincls: top-1 91.30, top-5 99.50
+  dataset 10 classes, preset demo, loss align3-unif3
+  - dataset: 10 classes, not ImageNet-100 or ImageNet
+  - no published row for aug v2, batch 128, LR 0.015
+"""
+
+
+def stripped(text: str) -> str:
+    """Without the spaces rich pads table cells with at the end of a line."""
+    return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+
+
+def test_a_user_at_80_columns_or_in_a_pipe_sees_every_loss_run_and_reason_whole(runs):
+    result = run_mauctl("report", "runs", cwd=runs.parent, COLUMNS="80")  # stdout is a pipe, as with `| cat`
+    assert result.returncode == 0, result.stderr
+    text = stripped(result.stdout)
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    # each row of the published table is a heading over one line per loss column
+    assert """\
+Strong Aug. + MLP Head + Cosine LR, batch 256, LR 0.03
+  contr-t0.07   69.64
+  contr-t0.2    67.52 (MoCo v2) / 66.00 (-1.52)
+  align2-unif2  66.92
+  align3-unif3  **67.44 / 68.10 ± 0.20 (n=3) (+0.66)** †
+  align4-unif4  71.42
+""" in text
+    assert NOT_IN_THE_TABLE_AT_ANY_WIDTH in text
+    # the diagnostics: one run and probe per line, its metrics under it
+    assert """\
+runs/v1-b128_contr-t0.07 (contr-t0.07), probe lincls: top-1 72.80
+  align 0.4123, uniform -3.5679, kNN top-1 61.50, after 1 epoch
+runs/v1-b256_align3-unif3 (align3-unif3), probe cached: top-1 68.90
+  no eval records in its metrics.jsonl
+""" in text
+    assert text.endswith("""\
+Published / reproduced (difference); reproduced = best top-1 of the linear
+probe, mean ± std over seeds. **bold**: best of the row (reproduced when the row
+has runs, else published). †: runs listed under "Not in the table".
+""")
+
+
+# the README's tables name each loss once in their header; the narrow layout once per row (6 + 1)
+@pytest.mark.parametrize(("width", "loss_names"), [(80, 7), (100, 7), (200, 2)])
+def test_no_loss_run_or_reason_is_cut_at_any_width(runs, width, loss_names):
+    text = stripped(rich_report(width, "runs"))
+    lines = text.splitlines()
+    assert "…" not in text
+    assert max(len(line) for line in lines) <= width
+    tables = text[:text.index("Not in the table")]
+    for loss in LOSS_COLUMNS:  # whole, not folded onto two lines
+        assert len(re.findall(rf"(?<![\w.-]){re.escape(loss)}(?![\w.-])", tables)) == loss_names, loss
+    for run in FABRICATED_RUNS:
+        assert run in text, run
+    assert NOT_IN_THE_TABLE_AT_ANY_WIDTH in text
+
+
+def test_a_wide_console_gets_the_readme_layout_and_a_narrow_one_a_heading_per_row(runs):
+    wide, narrow = rich_report(200, "runs"), rich_report(100, "runs")
+    assert "│ Normal            │ 128        │ 0.03       │ **73.12 (MoCo) / 72.80 (-0.32)** │" in wide
+    assert "│ Strong Aug. + MLP │ 128        │ 0.03       │" in wide and "│ Head + Cosine LR  │" in wide
+    assert "│ runs/v1-b128_contr-t0.07        │ contr-t0.07  │ lincls │      72.80 │ 0.4123 │ -3.5679 │" \
+        in wide
+    assert "Normal, batch 128, LR 0.03\n  contr-t0.07   **73.12 (MoCo) / 72.80 (-0.32)**\n" in narrow
+    assert "Normal, batch 128, LR 0.03" not in wide and "│ Normal" not in narrow
+
+
+def test_in_a_terminal_the_best_of_a_row_is_bold(runs):
+    text = rich_report(200, "runs", terminal=True)
+    assert "\x1b[1m73.12 (MoCo) / 72.80 (-0.32)\x1b[0m" in text
+    assert "**" not in text and "Bold: best of the row" in text
 
 
 def test_csv_has_one_line_per_cell_and_per_entry(runs):
@@ -335,6 +432,31 @@ def test_a_custom_loss_and_an_external_checkpoint_are_other_runs(tmp_path, monke
     ]
 
 
+def write_random_init_probe(folder: Path, checkpoint: str, scratch: Path) -> Path:
+    """What `mauctl demo` leaves in ``folder``: the probe of a torchvision state dict, its path stored as given."""
+    results = json.loads(add_probe(make_run(scratch, "x", preset="demo", loss="align3-unif3", dataset="digits"),
+                                   12.5, name="random-init").read_text())
+    results["pretrain"].update(source="torchvision", path=checkpoint, run_dir=None, config=None, epoch=None)
+    return write_probe_folder(folder / "lincls", results)
+
+
+def test_the_demo_baseline_is_labelled_where_its_results_lie_wherever_the_report_runs(tmp_path, monkeypatch):
+    # `mauctl demo --out runs`, run in tmp_path, stored the checkpoint path relative to tmp_path
+    write_random_init_probe(tmp_path / "runs" / "demo-random-init", "runs/demo-random-init/encoder.pt",
+                            scratch=tmp_path / "scratch")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for cwd, argument, label in [
+        (tmp_path, "runs/demo-random-init", "runs/demo-random-init/lincls"),
+        (tmp_path / "runs", ".", "demo-random-init/lincls"),
+        (elsewhere, str(tmp_path / "runs" / "demo-random-init"), f"{tmp_path}/runs/demo-random-init/lincls"),
+    ]:
+        monkeypatch.chdir(cwd)
+        data = json.loads(invoke(argument, "--format", "json").stdout)
+        assert [(e["run"], e["probe"], e["best_top1"]) for e in data["other_runs"]] == \
+            [(label, "random-init", 12.5)], cwd
+
+
 def test_out_writes_the_report_and_refuses_a_foreign_file(runs, tmp_path):
     target = tmp_path / "table.md"
     result = invoke("runs", "--format", "markdown", "--out", str(target))
@@ -379,13 +501,35 @@ def test_plot_scatters_uniformity_against_alignment_coloured_by_top1(runs):
 
     add_probe(runs / "v1-b128_contr-t0.07", 80.0, name="cached", kind="cached-features")  # a second probe
     fig = plot_figure(build_tables(collect([runs])))
-    scatter = fig.axes[1]
+    cells, scatter, _colorbar = fig.axes
+    assert cells.get_title() == "Linear top-1: reproduced vs published" and fig.get_suptitle() == ""
     assert "Alignment and uniformity" in scatter.get_title()
     (dots,) = scatter.collections
     # one point per run with eval records, in report order: demo, then v1-b128 (its last record, not its
     # first), coloured by its published-protocol probe rather than its cached one
     assert dots.get_offsets().tolist() == [[-3.0, 0.25], [-3.56789, 0.41234]]
     assert dots.get_array().tolist() == [91.3, 72.8]
+    # the points with 15% of their spread around them
+    assert scatter.get_xlim() == pytest.approx((-3.56789 - 0.15 * 0.56789, -3.0 + 0.15 * 0.56789))
+    assert scatter.get_ylim() == pytest.approx((0.25 - 0.15 * 0.16234, 0.41234 + 0.15 * 0.16234))
+
+
+def test_plot_without_a_reproduced_cell_is_the_scatter_alone_and_frames_one_run_readably(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from mauctl.report import NO_CELL_NOTE, build_tables, collect, plot_figure
+
+    monkeypatch.chdir(tmp_path)
+    demo = make_run(tmp_path / "runs", "demo", preset="demo", loss="align3-unif3", dataset="digits")
+    add_probe(demo, 91.3)
+    add_evals(demo, (0.9, -0.5, 20.0), (0.25, -3.0, 80.0))
+    fig = plot_figure(build_tables(collect([tmp_path / "runs"])))
+    scatter, colorbar = fig.axes  # no reproduced-vs-published panel: it would be an empty diagonal
+    assert scatter.get_title() == "Alignment and uniformity of each run (colour: linear top-1)"
+    assert colorbar.get_ylabel() == "linear top-1 (%)"
+    assert fig.get_suptitle() == NO_CELL_NOTE
+    # one run: a frame of 0.2 around its point, not ±1e-4 of rounding noise
+    assert scatter.get_xlim() == pytest.approx((-3.1, -2.9))
+    assert scatter.get_ylim() == pytest.approx((0.15, 0.35))
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(runs, tmp_path, monkeypatch):
