@@ -351,7 +351,7 @@ def _evaluate_only(cfg: LinclsConfig, rt: Runtime, enc: Encoder, val: FolderInde
 
 
 def _source_info(enc: Encoder) -> dict[str, Any]:
-    return {"source": enc.source, "path": str(enc.path), "run_dir": str(enc.run_dir) if enc.run_dir else None,
+    return {"source": enc.source, "path": str(enc.path.resolve()), "run_dir": str(enc.run_dir) if enc.run_dir else None,
             "arch": enc.arch, "small_stem": enc.small_stem, "epoch": enc.epoch, "config_digest": enc.digest,
             "config": enc.config}
 

@@ -42,30 +42,8 @@ def resource_text(name: str) -> str:
 
 @cache
 def reference_table() -> dict[str, Any]:
-    table = tomllib.loads(resource_text("reference_table.toml"))
-    # The column names contain dots ("contr-t0.07"), which bare TOML keys read as nesting.
-    table["columns"] = _rejoin(table["columns"], leaf_is_table=True)
-    for dataset in TABLES:
-        for row in table[dataset]:
-            for key in ("top1", "label", "spread"):
-                if key in row:
-                    row[key] = _rejoin(row[key])
-    return table
-
-
-def _rejoin(nested: dict[str, Any], leaf_is_table: bool = False, prefix: str = "") -> dict[str, Any]:
-    """Undo TOML's dotted-key nesting: {"contr-t0": {"07": v}} -> {"contr-t0.07": v}."""
-    flat: dict[str, Any] = {}
-    for key, value in nested.items():
-        name = prefix + key
-        is_leaf = not isinstance(value, dict) or (
-            leaf_is_table and not any(isinstance(v, dict) for v in value.values())
-        )
-        if is_leaf:
-            flat[name] = value
-        else:
-            flat.update(_rejoin(value, leaf_is_table, name + "."))
-    return flat
+    """The published table (its loss names are quoted TOML keys: "contr-t0.07" holds a dot)."""
+    return tomllib.loads(resource_text("reference_table.toml"))
 
 
 def loss_columns() -> dict[str, dict[str, float]]:
