@@ -28,9 +28,6 @@ from mauctl.engine.runtime import Runtime, derive_seed, precision_name, resolve_
 from mauctl.moco import MoCo, bn_splits, moco_losses, shuffled_keys
 from mauctl.text import plural
 
-TERMS = ("loss", "contr", "align", "unif", "acc1", "acc5", GRAD_NORM)  # what a step logs
-
-
 def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
     """Train; return "finished", or "stopped" when a stop signal arrived (after saving)."""
     cfg, rt = config, runtime
@@ -59,14 +56,16 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
             for x_q, x_k, skipped in data.batches(epoch, first):
                 shuffle = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "shuffle", epoch, state.step_in_epoch))
                 terms = training.step(x_q, x_k, shuffle, state.global_step + 1)
-                if steps.add({name: terms[name] for name in TERMS if name in terms}, skipped) \
-                        and state.step_in_epoch < data.steps:
-                    checkpoints.save_if_due(state)  # the sums so far are in state: a resume goes on from here
+                # log if due; at a logging step, save if due (the epoch's sums so far go into the checkpoint)
+                if steps.add(terms, skipped) and state.step_in_epoch < data.steps:
+                    checkpoints.save_if_due(state)
+                # stop if asked (the same answer on every rank); at the epoch's last step, after its end
                 signum = rt.agreed_stop()
                 if signum and state.step_in_epoch < data.steps:
                     steps.flush()
                     checkpoints.stopping(state)
                     return stopped(reporter, run_dir, rt, "pretrain", signum, state)
+            # the epoch's end: checkpoint, diagnostics when due, its line
             state.finish_epoch()
             seconds = time.perf_counter() - clock
             checkpoints.end_epoch(state)
