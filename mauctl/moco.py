@@ -116,5 +116,4 @@ def moco_losses(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, cfg: Loss
     if cfg.unif_w:
         out["unif"] = uniform_loss(q, queue, cfg.unif_t, cfg.intra_batch)
         total = total + cfg.unif_w * out["unif"]
-    out["loss"] = total
-    return out
+    return {"loss": total, **out}
