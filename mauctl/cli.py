@@ -207,6 +207,10 @@ Sets = Annotated[Optional[list[str]], typer.Option(
     "--set", metavar="KEY=VALUE",
     help="Override any config key, as section.key=value; repeatable, the value read as TOML "
          "(e.g. --set optim.cos=true).")]
+PretrainPreset = Annotated[Optional[str], typer.Option(
+    "--preset", metavar="NAME", show_default=False, help=f"Pretraining preset: {_presets_of('pretrain')}.")]
+Loss = Annotated[Optional[str], typer.Option("--loss", metavar="NAME", show_default=False,
+                                             help=f"Loss column: {_losses()}.")]
 Overwrite = Annotated[bool, typer.Option(
     "--overwrite", metavar="", help="Start over in a run directory that holds a run (the old one is moved aside).")]
 DryRun = Annotated[bool, typer.Option(
@@ -249,11 +253,9 @@ def _launch(job: Any) -> None:
 @config_flags(PretrainConfig, ("arch", *RUN_FLAGS))
 def pretrain(
     data: Data = None,
-    preset: Annotated[Optional[str], typer.Option(
-        metavar="NAME", show_default=False, help=f"Preset to start from: {_presets_of('pretrain')}.")] = None,
+    preset: PretrainPreset = None,
     config: ConfigFile = None,
-    loss: Annotated[Optional[str], typer.Option(metavar="NAME", show_default=False,
-                                                help=f"Loss column: {_losses()}.")] = None,
+    loss: Loss = None,
     sets: Sets = None,
     overwrite: Overwrite = False,
     dry_run: DryRun = False,
@@ -411,11 +413,9 @@ def export(
 @config_flags(PretrainConfig, ("batch_size", "arch", "image_size", "workers", "device", "pipeline"))
 def bench(
     data: Data = None,
-    preset: Annotated[Optional[str], typer.Option(
-        metavar="NAME", show_default=False, help=f"Pretraining preset to measure: {_presets_of('pretrain')}.")] = None,
+    preset: PretrainPreset = None,
     config: ConfigFile = None,
-    loss: Annotated[Optional[str], typer.Option(metavar="NAME", show_default=False,
-                                                help=f"Loss column: {_losses()}.")] = None,
+    loss: Loss = None,
     sets: Sets = None,
     steps: Annotated[int, typer.Option(metavar="N", min=1,
                                        help="Timed steps per measurement (after 3 warm-up steps).")] = 20,
@@ -447,8 +447,7 @@ def bench(
 @command
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Folder for the demo's runs.")] = Path("runs"),
-    loss: Annotated[Optional[str], typer.Option(metavar="NAME", show_default=False,
-                                                help=f"Loss column to pretrain with: {_losses()}.")] = None,
+    loss: Loss = None,
 ) -> None:
     """The whole chain on scikit-learn's digits, on a CPU, in minutes: pretrain, probe, export, report."""
     from mauctl.demo import Stopped, run_demo
