@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from conftest import run_mauctl
+from mauctl.demo import demo_precision
+from mauctl.engine.runtime import cpu_computes_bf16_fast, resolve_dtype
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_demo_runs_the_whole_chain_and_the_pretrained_encoder_beats_random_init(tmp_path):
     # two threads, as a user gets (the other tests pin one thread for their tiny runs)
     result = run_mauctl("demo", cwd=tmp_path, timeout=900, MAUCTL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
@@ -34,7 +36,17 @@ def test_demo_runs_the_whole_chain_and_the_pretrained_encoder_beats_random_init(
     assert last["knn_top1"] > first["knn_top1"]  # epochs_done 0 is the random initialisation
     assert f"{last['knn_top1']:.2f}" in result.stdout and f"{first['knn_top1']:.2f}" in result.stdout
 
+    summary = json.loads((runs / "demo-summary.json").read_text())
+    assert (summary["pretrained_top1"], summary["random_top1"]) == (trained["best_top1"], random["best_top1"])
+    assert set(summary["timings_s"]) == {"pretrain", "lincls", "export", "random init", "report"}
+    assert summary["precision"] == ("bf16" if cpu_computes_bf16_fast() else "fp32")
+
     with safe_open(runs / "demo" / "export" / "encoder.safetensors", "pt") as f:
         assert f.metadata()["arch"] == "resnet18" and f.metadata()["head"] == "none"
     assert "Other runs" in result.stdout  # the report placed the demo apart from the published cells
 
+
+def test_the_demo_asks_for_bf16_only_on_a_cpu_that_computes_it_in_hardware():
+    assert demo_precision(environ={}) == ("bf16" if cpu_computes_bf16_fast() else None)
+    assert demo_precision(environ={"MAUCTL_RUN__PRECISION": "fp32"}) is None  # the user's choice stands
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32  # for everyone else, auto is fp32 on a CPU
