@@ -23,6 +23,8 @@ def test_demo_runs_the_whole_chain_and_the_pretrained_encoder_beats_random_init(
     trained = json.loads((runs / "demo" / "lincls" / "demo" / "results.json").read_text())
     random = json.loads((runs / "demo-random-init" / "lincls" / "results.json").read_text())
     assert trained["finished"] and random["finished"]
+    assert trained["protocol"] == random["protocol"]  # the same probe for both encoders
+    assert trained["protocol"]["kind"] == "cached-features" and trained["protocol"]["augmented_views"] == 4
     assert trained["best_top1"] > random["best_top1"]
     assert f"{trained['best_top1']:.2f}" in result.stdout and f"{random['best_top1']:.2f}" in result.stdout
 
