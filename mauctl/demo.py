@@ -27,7 +27,7 @@ from rich.table import Table
 from mauctl.backbone import build_encoder
 from mauctl.engine.progress import read_metrics
 from mauctl.engine.rundir import RunDir
-from mauctl.engine.runtime import cpu_computes_bf16_fast
+from mauctl.engine.runtime import cpu_computes_bf16_fast, precision_name
 from mauctl.errors import EXIT_STOPPED, RunError, UsageError
 from mauctl.launch import execute
 from mauctl.prepare import prepare_lincls, prepare_pretrain
@@ -158,8 +158,6 @@ def run_demo(out: Path, loss: str | None = None, console: Console | None = None)
 
 def _precision_used(run_dir: Path) -> str | None:
     """The pretraining's compute precision ("fp32", "bf16"), as its manifest recorded it."""
-    from mauctl.engine.runtime import precision_name
-
     starts = RunDir(run_dir).read_json("manifest.json").get("starts") or [{}]
     dtype = getattr(torch, starts[-1].get("dtype", ""), None)
     return precision_name(dtype) if isinstance(dtype, torch.dtype) else None
