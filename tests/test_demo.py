@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from conftest import run_mauctl
+from mauctl.demo import demo_precision
+from mauctl.engine.runtime import cpu_computes_bf16_fast, resolve_dtype
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_demo_runs_the_whole_chain_and_the_pretrained_encoder_beats_random_init(tmp_path):
     # two threads, as a user gets (the other tests pin one thread for their tiny runs)
     result = run_mauctl("demo", cwd=tmp_path, timeout=900, MAUCTL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
@@ -21,6 +23,8 @@ def test_demo_runs_the_whole_chain_and_the_pretrained_encoder_beats_random_init(
     trained = json.loads((runs / "demo" / "lincls" / "demo" / "results.json").read_text())
     random = json.loads((runs / "demo-random-init" / "lincls" / "results.json").read_text())
     assert trained["finished"] and random["finished"]
+    assert trained["protocol"] == random["protocol"]  # the same probe for both encoders
+    assert trained["protocol"]["kind"] == "cached-features" and trained["protocol"]["augmented_views"] == 4
     assert trained["best_top1"] > random["best_top1"]
     assert f"{trained['best_top1']:.2f}" in result.stdout and f"{random['best_top1']:.2f}" in result.stdout
 
@@ -28,13 +32,23 @@ def test_demo_runs_the_whole_chain_and_the_pretrained_encoder_beats_random_init(
     last_epoch = [r for r in epochs if r.get("kind") == "epoch"][-1]
     assert last_epoch["unif"] < -2.0  # no collapse: a collapsed encoder has L_uniform = 0
     evals = [r for r in epochs if r.get("kind") == "eval"]
-    assert [r["epochs_done"] for r in evals] == [0, 2, 4, 6, 8, 10]  # before training, then every 2 epochs
+    assert [r["epochs_done"] for r in evals] == [0, 10]  # before training and after the last epoch
     first, last = evals[0], evals[-1]
     assert last["unif_metric"] < first["unif_metric"]  # the held-out embeddings spread out
     assert last["knn_top1"] > first["knn_top1"]  # epochs_done 0 is the random initialisation
     assert f"{last['knn_top1']:.2f}" in result.stdout and f"{first['knn_top1']:.2f}" in result.stdout
 
+    summary = json.loads((runs / "demo-summary.json").read_text())
+    assert (summary["pretrained_top1"], summary["random_top1"]) == (trained["best_top1"], random["best_top1"])
+    assert set(summary["timings_s"]) == {"pretrain", "lincls", "export", "random init", "report"}
+    assert summary["precision"] == ("bf16" if cpu_computes_bf16_fast() else "fp32")
+
     with safe_open(runs / "demo" / "export" / "encoder.safetensors", "pt") as f:
         assert f.metadata()["arch"] == "resnet18" and f.metadata()["head"] == "none"
     assert "Other runs" in result.stdout  # the report placed the demo apart from the published cells
 
+
+def test_the_demo_asks_for_bf16_only_on_a_cpu_that_computes_it_in_hardware():
+    assert demo_precision(environ={}) == ("bf16" if cpu_computes_bf16_fast() else None)
+    assert demo_precision(environ={"MAUCTL_RUN__PRECISION": "fp32"}) is None  # the user's choice stands
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32  # for everyone else, auto is fp32 on a CPU

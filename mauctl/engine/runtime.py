@@ -156,6 +156,20 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return PRECISIONS[precision]
 
 
+def cpu_computes_bf16_fast() -> bool:
+    """Whether this CPU has bfloat16 arithmetic in hardware (x86 AVX512-BF16 or AMX-BF16).
+
+    Only there is bf16 autocast faster than fp32 on a CPU (the demo's step: 189 vs 114 images/s on
+    a 2-core Xeon with AMX); elsewhere bf16 is emulated, expected slower than fp32 (not measured).
+    ``auto`` still means fp32 on every CPU: the demo asks for bf16 itself where this is true.
+    """
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # an older torch cannot tell: fp32 then
+    if capabilities is None:
+        return False
+    found = capabilities()
+    return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
+
+
 def precision_name(dtype: torch.dtype) -> str:
     """"fp32", "bf16" or "fp16": run.precision's name for an autocast dtype."""
     return next(name for name, d in PRECISIONS.items() if d == dtype)
