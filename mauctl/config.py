@@ -170,8 +170,9 @@ class RunConfig(Section):
     out: str = Field("", description="Run directory (default: runs/<preset>_<loss>).")
     seed: int = Field(0, ge=0, description="Random seed for weights, data order and augmentation.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Compute precision: auto = bf16 on CUDA, fp32 on CPU."
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-native"] = Field(
+        "auto", description="Compute precision: auto = bf16 on CUDA, fp32 on CPU; bf16-native = bf16 where the "
+        "hardware computes it (CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX), fp32 elsewhere."
     )
     print_freq: int = Field(10, ge=1, description="Log every N steps (main_moco.py -p).")
     resume: str = Field("auto", description="auto (continue from last.pt if any), none, or a checkpoint path.")

@@ -7,14 +7,13 @@ random one: a demo that learns nothing is a failure, not a result.
 Every stage is the command a user would run, through the same launcher; running the demo
 again resumes or skips what is already done.
 
-On a CPU that computes bfloat16 in hardware (AVX512-BF16 / AMX) every stage runs under bf16
-autocast, both probes alike; elsewhere fp32, as ``run.precision = "auto"`` gives on a CPU.
-``<out>/demo-summary.json`` keeps what the final table shows, with each stage's seconds.
+The demo's presets ask for ``run.precision = "bf16-native"``: on a CPU that computes bfloat16 in
+hardware (AVX512-BF16 / AMX) every stage runs under bf16 autocast, both probes alike; elsewhere
+fp32. ``<out>/demo-summary.json`` keeps what the final table shows, with each stage's seconds.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from rich.table import Table
 from mauctl.backbone import build_encoder
 from mauctl.engine.progress import read_metrics
 from mauctl.engine.rundir import RunDir
-from mauctl.engine.runtime import cpu_computes_bf16_fast, precision_name
+from mauctl.engine.runtime import precision_name
 from mauctl.errors import EXIT_STOPPED, RunError, UsageError
 from mauctl.prepare import prepare_lincls, prepare_pretrain
 from mauctl.worker import start
@@ -41,7 +40,6 @@ class Stopped(Exception):
 class Demo:
     out: Path
     loss: str | None = None
-    precision: str | None = None  # run.precision for every stage; None = the presets' ("auto")
     console: Console = field(default_factory=Console)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -72,13 +70,12 @@ class Demo:
     def pretrain(self) -> None:
         self.stage("1/5 pretrain: MoCo with alignment + uniformity on the digits")
         job = prepare_pretrain(preset="demo", config_file=None, loss=self.loss,
-                               flags={"run.out": str(self.pretrain_dir), "run.precision": self.precision}, sets=[])
+                               flags={"run.out": str(self.pretrain_dir)}, sets=[])
         self.launch(job)
 
     def probe(self, source: Path, name: str, out: Path, data: Path | None = None,
               image_size: int | None = None) -> dict:
-        flags = {"run.out": str(out), "data.root": str(data) if data else None, "data.image_size": image_size,
-                 "run.precision": self.precision}
+        flags = {"run.out": str(out), "data.root": str(data) if data else None, "data.image_size": image_size}
         job = prepare_lincls(source, preset="lincls-demo", config_file=None, flags=flags, sets=[], name=name)
         self.launch(job)
         return RunDir(out).read_json("results.json")
@@ -113,19 +110,10 @@ class Demo:
         run_report([self.pretrain_dir, self.random_dir], console=self.console)
 
 
-def demo_precision(environ=os.environ) -> str | None:
-    """bf16 where the CPU computes it in hardware: a pretraining epoch of the demo takes 7-8 s there
-    instead of 10 s (a 2-core Xeon with AMX). Elsewhere, or when MAUCTL_RUN__PRECISION says otherwise,
-    the presets' "auto" (fp32 on a CPU, bf16 on CUDA)."""
-    if any(name.upper() == "MAUCTL_RUN__PRECISION" for name in environ):
-        return None
-    return "bf16" if cpu_computes_bf16_fast() else None
-
-
 def run_demo(out: Path, loss: str | None = None, console: Console | None = None) -> dict:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder", hint="Give a folder for the demo's runs.")
-    demo = Demo(out, loss, demo_precision(), console or Console())
+    demo = Demo(out, loss, console or Console())
     start = time.perf_counter()
     demo.timed("pretrain", demo.pretrain)
     demo.stage("2/5 linear probe of the pretrained encoder")

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import run_mauctl
-from mauctl.demo import demo_precision
+from mauctl.config import load_config
 from mauctl.engine.runtime import cpu_computes_bf16_fast, resolve_dtype
 
 
@@ -49,6 +49,10 @@ def test_demo_runs_the_whole_chain_and_the_pretrained_encoder_beats_random_init(
 
 
 def test_the_demo_asks_for_bf16_only_on_a_cpu_that_computes_it_in_hardware():
-    assert demo_precision(environ={}) == ("bf16" if cpu_computes_bf16_fast() else None)
-    assert demo_precision(environ={"MAUCTL_RUN__PRECISION": "fp32"}) is None  # the user's choice stands
+    native = torch.bfloat16 if cpu_computes_bf16_fast() else torch.float32
+    for command, preset in (("pretrain", "demo"), ("lincls", "lincls-demo")):
+        assert load_config(command, preset=preset, environ={}).config.run.precision == "bf16-native"
+        mine = load_config(command, preset=preset, environ={"MAUCTL_RUN__PRECISION": "fp32"}).config
+        assert mine.run.precision == "fp32"  # the user's choice stands
+    assert resolve_dtype("bf16-native", torch.device("cpu")) == native
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32  # for everyone else, auto is fp32 on a CPU

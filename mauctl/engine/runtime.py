@@ -151,8 +151,12 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """run.precision's autocast dtype on ``device`` (float32: no autocast)."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if precision == "bf16-native":
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_computes_bf16_fast()
+        return torch.bfloat16 if native else torch.float32
     return PRECISIONS[precision]
 
 
@@ -161,7 +165,7 @@ def cpu_computes_bf16_fast() -> bool:
 
     Only there is bf16 autocast faster than fp32 on a CPU (the demo's step: 189 vs 114 images/s on
     a 2-core Xeon with AMX); elsewhere bf16 is emulated, expected slower than fp32 (not measured).
-    ``auto`` still means fp32 on every CPU: the demo asks for bf16 itself where this is true.
+    ``auto`` still means fp32 on every CPU; ``bf16-native`` (the demo's presets) means bf16 where this is true.
     """
     capabilities = getattr(torch.cpu, "get_capabilities", None)  # an older torch cannot tell: fp32 then
     if capabilities is None:
