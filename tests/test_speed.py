@@ -101,3 +101,19 @@ def test_show_augmentations_writes_a_grid_and_never_overwrites(tiny_images, tmp_
         assert grid.format == "PNG" and grid.width > grid.height  # PIL views beside tensor views
     again = run_mauctl("bench", str(tiny_images), *BENCH, "--show-augmentations", str(target), cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_auto_loader_workers_are_this_process_share_of_the_cores(monkeypatch):
+    from mauctl.data.loader import AUTO_WORKERS_MAX, worker_count
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert worker_count("auto") == AUTO_WORKERS_MAX == 8  # one process: at most 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert worker_count("auto") == 4  # 16 cores over 4 processes
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert worker_count("auto") == 1  # never 0 (that would load in the training process)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert worker_count("auto") == 2  # this 2-core machine: 2, not 8 (torch warned three times)
+    assert worker_count(3) == 3 and worker_count(0) == 0  # a number is taken as it is
