@@ -162,7 +162,7 @@ class WorkersStopped(Exception):
     """The launcher itself got a stop signal; the workers were asked to save and stop."""
 
 
-def launch(job: dict, plan: Plan, launch: LaunchConfig) -> int:
+def launch(job: dict, plan: Plan, config: LaunchConfig) -> int:
     """Run a prepared job on workers that torchrun starts here; the exit status from the run's status.
 
     0 finished, EXIT_STOPPED stopped by a signal (checkpoint saved); RunError when it failed.
@@ -170,7 +170,7 @@ def launch(job: dict, plan: Plan, launch: LaunchConfig) -> int:
     from mauctl.engine.rundir import RunDir
 
     try:
-        start_workers({**job, "launched_by_mauctl": True, "launcher_pid": os.getpid()}, plan, launch)
+        start_workers({**job, "launched_by_mauctl": True, "launcher_pid": os.getpid()}, plan, config)
     except WorkersStopped as exc:
         print(f"{exc.args[0]} received: the workers saved a checkpoint and stopped")
     status = RunDir(Path(job["config"]["run"]["out"])).read_status()

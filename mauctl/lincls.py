@@ -85,7 +85,7 @@ def run(config: LinclsConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
             final = state.epoch == cfg.optim.epochs
             checkpoints.end_epoch(state, best=best, final=final)
             results.write(state, finished=final)
-            reporter.end_epoch(*_epoch_record(state, trainer.bad_images()))
+            reporter.end_epoch(*_epoch_record(state, trainer.bad.counts()))
             signum = rt.agreed_stop()
             if signum and not final:
                 checkpoints.stopping(state)
@@ -124,7 +124,6 @@ class Probe:
 
     def __init__(self, cfg: LinclsConfig, rt: Runtime, enc: Encoder, num_classes: int) -> None:
         seed_everything(cfg.run.seed)
-        self.rt = rt
         self.model = frozen_with_new_classifier(enc, num_classes).to(rt.device)
         self.fc = last_linear(self.model)[2]
         self.optimizer = torch.optim.SGD(self.fc.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
@@ -177,7 +176,7 @@ class ImageTrainer:
         """One epoch from step ``first``; the stop signal that came within it (0 if none)."""
         rt, steps = self.rt, self.sampler.steps
         self.sampler.set_epoch(epoch, first)
-        self.log.start_epoch(epoch, self.cfg.optim.epochs, steps, first, lr)
+        self.log.start_epoch(steps, first, lr)
         for x, y, skipped in self.loader:
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
             with rt.autocast():
@@ -192,9 +191,6 @@ class ImageTrainer:
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.net, self.val_loader, self.rt, self.bad.val)
-
-    def bad_images(self) -> dict[str, int]:
-        return self.bad.counts()
 
 
 class CachedTrainer:
@@ -260,7 +256,7 @@ class CachedTrainer:
         order = torch.randperm(self.train_x.shape[1], generator=g).to(self.rt.device)
         view = torch.randint(self.train_x.shape[0], (self.train_x.shape[1],), generator=g).to(self.rt.device)
         batch = self.cfg.optim.batch_size
-        self.log.start_epoch(epoch, self.cfg.optim.epochs, self.steps, 0, lr)
+        self.log.start_epoch(self.steps, 0, lr)
         for i in range(self.steps):
             idx = order[i * batch:(i + 1) * batch]
             x, y = self.train_x[view[idx], idx], self.train_y[idx]
@@ -271,9 +267,6 @@ class CachedTrainer:
     def evaluate(self) -> tuple[float, float]:
         acc1, acc5 = topk_accuracy(self.probe.fc(self.val_x), self.val_y, ks=(1, 5))
         return acc1.item(), acc5.item()
-
-    def bad_images(self) -> dict[str, int]:
-        return self.bad.counts()
 
 
 def frozen_with_new_classifier(enc: Encoder, num_classes: int) -> nn.Module:

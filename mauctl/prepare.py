@@ -23,14 +23,14 @@ from mauctl.backbone import build_encoder, check_encoder
 from mauctl.config import (DataConfig, LaunchConfig, LinclsConfig, PretrainConfig, Resolved, load_config,
                            loss_name, read_toml, to_toml)
 from mauctl.data.folder import FolderIndex, check_splits, data_root, scan_split, scan_split_if_present
+from mauctl.engine.checkpoint import LINCLS_FORMAT, PRETRAIN_FORMAT
 from mauctl.engine.rundir import MIN_FREE_BYTES, RunDir, check_before_launch, check_writable, config_differences
 from mauctl.engine.runtime import restarted
 from mauctl.engine.schedule import describe_schedule
 from mauctl.errors import UsageError
-from mauctl.text import plural
 from mauctl.launch import Plan, in_worker, make_plan
 from mauctl.moco import bn_splits
-from mauctl.engine.checkpoint import LINCLS_FORMAT, PRETRAIN_FORMAT
+from mauctl.text import plural
 from mauctl.weights import Encoder, check_resume_file, read_encoder
 
 
@@ -40,13 +40,16 @@ class Job:
     plan: Plan
     bn_splits: int
     train: FolderIndex | None  # None when no data was given to a dry run
-    preset: str | None
     loss: str | None
     run_action: str = "new"  # new, resume or replace (see engine.rundir.check_before_launch)
 
     @property
     def config(self) -> PretrainConfig:
         return self.resolved.config  # type: ignore[return-value]
+
+    @property
+    def preset(self) -> str | None:
+        return self.resolved.preset
 
     def spec(self) -> dict[str, Any]:
         """What the workers get: the command, the resolved config, what the run directory records."""
@@ -87,7 +90,7 @@ def prepare_pretrain(
     if train is not None:
         check_splits(train, scan_split_if_present(data_root(config.data), "val"), "pretrain")
         _check_one_batch(train, config.optim.batch_size, "Lower --batch-size (and model.queue_size, a multiple of it)")
-    job = Job(resolved, plan, splits, train, resolved.preset, loss_name(config.loss))
+    job = Job(resolved, plan, splits, train, loss_name(config.loss))
     if owns_run_dir(config, environ):
         need = max(MIN_FREE_BYTES, int(1.1 * checkpoint_bytes(config)))
         job.run_action = _check_run_dir(config, overwrite, need)

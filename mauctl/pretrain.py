@@ -50,7 +50,7 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
             diagnostics.before_training(training.model.encoder_q)
         for epoch in range(state.epoch, cfg.optim.epochs):
             lr, first = start_epoch(training.optimizer, cfg.optim, state, epoch)
-            steps.start_epoch(epoch, cfg.optim.epochs, data.steps, first, lr)
+            steps.start_epoch(data.steps, first, lr)
             training.model.train()
             clock = time.perf_counter()
             for x_q, x_k, skipped in data.batches(epoch, first):

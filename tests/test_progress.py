@@ -34,7 +34,7 @@ def step(reporter: Reporter, epoch: int, done: int) -> None:
 def test_the_bar_at_80_columns_keeps_epoch_step_and_eta_and_cuts_the_terms():
     screen, buffer = console(80, terminal=True)
     reporter = Reporter(True, "pretrain", None, epochs=10, console=screen)
-    reporter.start_epoch(2, 10, steps=250)
+    reporter.start_epoch(2, steps=250)
     step(reporter, 2, 5)
     step(reporter, 2, 120)
     lines = screen_lines(buffer.getvalue())
@@ -48,7 +48,7 @@ def test_the_bar_at_80_columns_keeps_epoch_step_and_eta_and_cuts_the_terms():
 def test_plain_lines_carry_epoch_step_and_the_time_left_in_the_epoch_and_the_run():
     log, buffer = console(200, terminal=False)
     reporter = Reporter(True, "lincls", None, epochs=4, console=log)
-    reporter.start_epoch(0, 4, steps=10)
+    reporter.start_epoch(0, steps=10)
     step(reporter, 0, 5)
     line = buffer.getvalue().strip()
     assert re.fullmatch(r"lincls epoch 1/4 step 5/10 \(eta \d+:\d\d, run \d+:\d\d\): loss -0\.4245 .* img/s 120",
@@ -58,7 +58,7 @@ def test_plain_lines_carry_epoch_step_and_the_time_left_in_the_epoch_and_the_run
 def test_a_stop_message_is_the_last_thing_on_screen():
     screen, buffer = console(80, terminal=True)
     reporter = Reporter(True, "pretrain", None, epochs=2, console=screen)
-    reporter.start_epoch(0, 2, steps=50)
+    reporter.start_epoch(0, steps=50)
     step(reporter, 0, 10)
     reporter.finish("pretrain stopped by SIGINT at epoch 1, step 10: checkpoint saved")
     reporter.close()
@@ -70,9 +70,9 @@ def test_the_run_eta_counts_the_epochs_left_at_the_pace_of_the_last_whole_epoch(
     clock = [100.0]
     monkeypatch.setattr("mauctl.engine.progress.time.perf_counter", lambda: clock[0])
     reporter = Reporter(False, "pretrain", None, epochs=5)
-    reporter.start_epoch(0, 5, steps=10)
+    reporter.start_epoch(0, steps=10)
     clock[0] += 30.0  # 10 steps of 2 s, then 10 s of checkpoint and diagnostics
-    reporter.start_epoch(1, 5, steps=10)
+    reporter.start_epoch(1, steps=10)
     clock[0] += 8.0  # 4 steps of 2 s
     epoch_left, run_left = reporter.eta(4)
     assert epoch_left == 12.0 and run_left == 12.0 + 3 * 30.0

@@ -85,18 +85,19 @@ class StepLog:
 
     def __init__(self, reporter: Reporter, state: TrainState, runtime: Any, run: RunDir, print_freq: int,
                  images_per_step: int, bad: Any = None) -> None:
-        self.reporter, self.state, self.rt, self.print_freq = reporter, state, runtime, print_freq
+        self.reporter, self.state, self.print_freq = reporter, state, print_freq
         self.run = run if runtime.is_main else None  # whose status a failure sets
         self.images_per_step, self.bad = images_per_step, bad
-        self.epoch, self.steps, self.lr = 0, 0, 0.0
+        self.steps, self.lr = 0, 0.0
         self.interval = Interval()
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int, first: int, lr: float) -> None:
-        self.epoch, self.steps, self.lr = epoch, steps, lr
+    def start_epoch(self, steps: int, first: int, lr: float) -> None:
+        """The epoch ``state.epoch`` (entered by ``start_epoch`` above), ``steps`` long, from step ``first``."""
+        self.steps, self.lr = steps, lr
         self.interval = Interval()
         if self.bad is not None:
             self.bad.reset()
-        self.reporter.start_epoch(epoch, epochs, steps, first)
+        self.reporter.start_epoch(self.state.epoch, steps, first)
 
     def add(self, terms: Mapping[str, torch.Tensor], skipped: dict | None = None) -> bool:
         """Count one more step with its terms (and the bad images its batch skipped); log it when due.
@@ -109,18 +110,18 @@ class StepLog:
         self.interval.add(terms)
         if skipped and self.bad is not None:
             self.bad.add(skipped)  # undecodable images the loader replaced (host-side only)
-        step = state.step_in_epoch
+        epoch, step = state.epoch, state.step_in_epoch
         if step % self.print_freq and step != self.steps:
             return False
         values = self.interval.read()
-        check_finite(values, self.epoch, step, self.run)
+        check_finite(values, epoch, step, self.run)
         bad = {}
         if self.bad is not None:
-            self.bad.agree(self.run, self.epoch, step)
+            self.bad.agree(self.run, epoch, step)
             bad = self.bad.shown()
         state.accumulate(values, self.interval.count)
         ips = self.interval.count * self.images_per_step / max(self.interval.seconds(), 1e-9)
-        self.reporter.step({"kind": "step", "epoch": self.epoch, "step": state.global_step, "step_in_epoch": step,
+        self.reporter.step({"kind": "step", "epoch": epoch, "step": state.global_step, "step_in_epoch": step,
                             "lr": self.lr, **values, "images_per_s": ips, **bad},
                            {**values, "lr": self.lr, "img/s": round(ips), **bad})
         self.interval = Interval()
@@ -130,7 +131,7 @@ class StepLog:
         """Before stopping within an interval: its steps go into the epoch's sums (checked, not shown)."""
         if self.interval.count:
             values = self.interval.read()
-            check_finite(values, self.epoch, self.state.step_in_epoch, self.run)
+            check_finite(values, self.state.epoch, self.state.step_in_epoch, self.run)
             self.state.accumulate(values, self.interval.count)
             self.interval = Interval()
 

@@ -113,7 +113,7 @@ class Reporter:
         self._progress: Progress | None = None
         self._task = None
         self.epoch, self.steps, self.first = 0, 0, 0
-        self._epoch_start = self._step_clock = time.perf_counter()
+        self._epoch_start = time.perf_counter()
         self._epoch_seconds: float | None = None  # the last whole epoch, diagnostics and evaluation included
         self._started = False
 
@@ -126,13 +126,13 @@ class Reporter:
         self._stop_bar()
         self.line(text)
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int, first_step: int = 0) -> None:
+    def start_epoch(self, epoch: int, steps: int, first_step: int = 0) -> None:
         now = time.perf_counter()
         if self._started and epoch == self.epoch + 1:
             self._epoch_seconds = now - self._epoch_start
         self._started = True
-        self.epoch, self.epochs, self.steps, self.first = epoch, epochs, steps, first_step
-        self._epoch_start = self._step_clock = now
+        self.epoch, self.steps, self.first = epoch, steps, first_step
+        self._epoch_start = now
         if not self.interactive:
             return
         self._progress = Progress(
@@ -149,7 +149,7 @@ class Reporter:
         """Seconds left in this epoch and in the run, from this epoch's pace (None before its first step)."""
         if done <= self.first:
             return None, None
-        per_step = (time.perf_counter() - self._step_clock) / (done - self.first)
+        per_step = (time.perf_counter() - self._epoch_start) / (done - self.first)
         epoch_left = (self.steps - done) * per_step
         per_epoch = self._epoch_seconds if self._epoch_seconds is not None else self.steps * per_step
         return epoch_left, epoch_left + (self.epochs - self.epoch - 1) * per_epoch
