@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import subprocess
 import sys
 import time
@@ -24,17 +25,23 @@ from PIL import Image
 
 
 def make_jpegs(folder: Path, count: int, classes: int = 10, seed: int = 0) -> None:
-    """``folder/train/c<k>/<n>.jpg``: ``count`` smooth random images of about 500x375, JPEG quality 90."""
-    rng = np.random.default_rng(seed)
-    for n in range(count):
-        out = folder / "train" / f"c{n % classes}" / f"{n:05d}.jpg"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        w, h = int(rng.integers(400, 600)), int(rng.integers(300, 450))
-        small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)  # photo-like low frequencies
-        img = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
-        noise = rng.normal(0, 8, (h, w, 3))
-        pixels = np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(out, quality=90)
+    """``folder/train/c<k>/<n>.jpg``: ``count`` smooth random images of about 500x375, JPEG quality 90.
+
+    Written by every core (each image from its own seed, so the folder is the same however many)."""
+    with multiprocessing.Pool() as pool:
+        pool.starmap(_make_jpeg, [(folder, n, classes, seed) for n in range(count)], chunksize=16)
+
+
+def _make_jpeg(folder: Path, n: int, classes: int, seed: int) -> None:
+    rng = np.random.default_rng([seed, n])
+    out = folder / "train" / f"c{n % classes}" / f"{n:05d}.jpg"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    w, h = int(rng.integers(400, 600)), int(rng.integers(300, 450))
+    small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)  # photo-like low frequencies
+    img = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+    noise = rng.normal(0, 8, (h, w, 3))
+    pixels = np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(out, quality=90)
 
 
 def configurations(cuda: bool) -> list[tuple[str, list[str]]]:

@@ -29,6 +29,7 @@ from rich.table import Table
 from mauctl import __version__
 from mauctl.config import LinclsConfig, PretrainConfig, describe, field_annotation
 from mauctl.errors import EXIT_STOPPED, MauctlError
+from mauctl.text import plural
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -439,6 +440,46 @@ def bench(
         bench_module.write_augmentations(job, show_augmentations, err)
     else:
         bench_module.run_command(job, steps, compare_pil, as_json, out)
+
+
+# ---------------------------------------------------------------- doctor
+
+
+@command
+def doctor(
+    data: Data = None,
+    smoke: Annotated[bool, typer.Option(
+        "--smoke", metavar="", help="Also run the commands end to end on generated JPEGs, on the CPU and on CUDA "
+                                    "when there is a GPU (about 2 minutes each).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the checks as JSON.")] = False,
+    preset: PretrainPreset = None,
+    sets: Sets = None,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", metavar="DIR", show_default=False,
+        help="Where runs will go: the free disk there is checked (default: runs/).")] = None,
+    work: Annotated[Optional[Path], typer.Option(
+        metavar="DIR", show_default=False,
+        help="Keep the smoke test's files in this new folder (default: a temporary folder, removed after).")] = None,
+) -> None:
+    """Check this machine before a long run: versions, GPUs, limits, disk, data; --smoke runs every command."""
+    from mauctl.config import load_config
+    from mauctl.doctor import run_doctor
+    from mauctl.errors import UsageError
+
+    flags = {"data.root": str(data) if data else None, "run.out": str(out_dir) if out_dir else None}
+    cfg = load_config("pretrain", preset=preset, flags=flags, sets=sets or []).config
+    if work is not None and work.exists() and (not work.is_dir() or any(work.iterdir())):
+        raise UsageError(f"--work {work} already exists and is not an empty folder",
+                         hint="Give a new folder: the smoke test writes runs and images there.")
+    echo = (lambda line: err.print(line, markup=False, highlight=False)) if as_json else \
+        (lambda line: out.print(line, markup=False, highlight=False))
+    doc = run_doctor(cfg, data, smoke, work, echo)
+    if as_json:
+        out.file.write(doc.json())
+    failed = [c.name for c in doc.checks if c.status == "FAIL"]
+    if failed:
+        err.print(f"doctor: {plural(len(failed), 'check')} failed: {', '.join(failed)}", highlight=False)
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------- demo
