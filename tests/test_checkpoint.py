@@ -120,3 +120,18 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path):
     with pytest.raises(RunError, match="does not fit this run"):
         other.resume(TrainState(), "auto")
     assert os.path.exists(run.last)  # nothing was touched
+
+
+@pytest.mark.parametrize("saved_fp16", [False, True], ids=["bf16 then fp16", "fp16 then bf16"])
+def test_a_run_resumes_in_another_precision_and_an_fp16_scaler_starts_fresh(tmp_path, saved_fp16):
+    # run.precision may change on resume: a run without fp16 saves its disabled GradScaler as {}
+    run = RunDir(tmp_path / "run")
+    old = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=saved_fp16)
+    Checkpointer(run, ALONE, PRETRAIN_FORMAT, PretrainConfig(), {"scaler": old}).save(TrainState(epoch=1))
+
+    new = torch.amp.GradScaler("cpu", enabled=not saved_fp16)
+    state = TrainState()
+    Checkpointer(run, ALONE, PRETRAIN_FORMAT, PretrainConfig(), {"scaler": new}).resume(state, "auto")
+    assert state.epoch == 1
+    fresh = torch.amp.GradScaler("cpu").state_dict()
+    assert new.state_dict() == ({} if saved_fp16 else fresh)

@@ -9,7 +9,8 @@ What a checkpoint holds (a dict; ``torch.load(path, weights_only=True)`` reads i
     epoch_sums      the epoch's logged terms summed over its steps so far, and
     epoch_count     how many steps those sums cover (an epoch resumed mid-way reports its true means)
     optimizer       optimizer.state_dict()
-    scaler          the AMP GradScaler's state_dict() (empty unless fp16)
+    scaler          the AMP GradScaler's state_dict() (empty unless fp16; a resume in another precision
+                    starts the loss scale afresh, see ``restore``)
     rng             torch's and Python's RNG states (the data order and augmentations do not need them:
                     they are derived from (seed, epoch, image), see data/loader.py)
     config          the resolved config (model_dump())
@@ -189,7 +190,7 @@ class Checkpointer:
             return None
         try:
             for name, part in self.parts.items():
-                part.load_state_dict(ckpt[name])
+                restore(part, ckpt[name])
             state.load(ckpt)
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise RunError(f"{path} does not fit this run (model.* settings differ?): {exc}") from None
@@ -226,6 +227,17 @@ class Checkpointer:
         """The run stops on a signal at ``state``'s position: write it, unless that is what was last written."""
         if self.written_at != (state.epoch, state.step_in_epoch):
             self.save(state)
+
+
+def restore(part: Stateful, state: Any) -> None:
+    """``part.load_state_dict(state)``, except where run.precision changed on resume (allowed).
+
+    A GradScaler saves ``{}`` when disabled (any precision but fp16): an fp16 run resumed from it
+    starts its loss scale afresh. (A disabled scaler ignores what an fp16 run saved.)
+    """
+    if isinstance(part, torch.amp.GradScaler) and not state:
+        return
+    part.load_state_dict(state)
 
 
 def resume_checkpoint(run: RunDir, resume: str, runtime: Any, fmt: str) -> tuple[Path | None, dict | None]:
