@@ -62,7 +62,7 @@ def test_two_processes_train_and_fill_the_run_directory(tiny_images, tmp_path):
 
     ckpt = load_ckpt(out / "checkpoints" / "last.pt")
     assert {"format", "encoder_q", "encoder_k", "queue", "optimizer", "scaler", "epoch", "step_in_epoch",
-            "global_step", "epoch_sums", "epoch_count", "rng", "config", "arch", "world_size", "bn_splits"} == set(ckpt)
+            "global_step", "epoch_sums", "epoch_count", "config", "arch", "world_size", "bn_splits"} == set(ckpt)
     assert ckpt["format"] == "mauctl.pretrain/2" and ckpt["epoch"] == 2 and ckpt["global_step"] == 6
     assert ckpt["queue"]["keys"].shape == (64, 32)
     assert ckpt["queue"]["_extra_state"] == (6 * 16) % 64  # the write pointer
