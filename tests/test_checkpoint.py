@@ -45,7 +45,7 @@ def test_a_resumed_run_gets_back_every_part_and_its_position(tmp_path):
 
     ckpt = checkpoint.load(run.last)
     assert set(ckpt) == {"format", "epoch", "step_in_epoch", "global_step", "epoch_sums", "epoch_count", "model",
-                         "optimizer", "queue", "rng", "config", "arch"}
+                         "optimizer", "queue", "config", "arch"}
     assert ckpt["queue"]["_extra_state"] == 2 and ckpt["arch"] == "tiny"
 
     fresh, again = checkpointer(run, seed=2), TrainState()
@@ -120,3 +120,41 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path):
     with pytest.raises(RunError, match="does not fit this run"):
         other.resume(TrainState(), "auto")
     assert os.path.exists(run.last)  # nothing was touched
+
+
+@pytest.mark.parametrize("saved_fp16", [False, True], ids=["bf16 then fp16", "fp16 then bf16"])
+def test_a_run_resumes_in_another_precision_and_an_fp16_scaler_starts_fresh(tmp_path, saved_fp16):
+    # run.precision may change on resume: a run without fp16 saves its disabled GradScaler as {}
+    run = RunDir(tmp_path / "run")
+    old = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=saved_fp16)
+    Checkpointer(run, ALONE, PRETRAIN_FORMAT, PretrainConfig(), {"scaler": old}).save(TrainState(epoch=1))
+
+    new = torch.amp.GradScaler("cpu", enabled=not saved_fp16)
+    state = TrainState()
+    Checkpointer(run, ALONE, PRETRAIN_FORMAT, PretrainConfig(), {"scaler": new}).resume(state, "auto")
+    assert state.epoch == 1
+    fresh = torch.amp.GradScaler("cpu").state_dict()
+    assert new.state_dict() == ({} if saved_fp16 else fresh)
+
+
+def test_a_cpu_checkpoint_never_calls_into_cuda_and_one_with_rng_states_still_resumes(tmp_path,
+                                                                                      monkeypatch):
+    # There is no GPU here: CUDA is mocked as available, and any call into it fails. A --device cpu
+    # run on a GPU machine must not create a CUDA context in every worker just to write a checkpoint.
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("a CPU checkpoint called into CUDA")
+
+    run = RunDir(tmp_path / "run")
+    saver = checkpointer(run)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        for name in ("_lazy_init", "get_rng_state", "get_rng_state_all", "current_device", "synchronize"):
+            patch.setattr(torch.cuda, name, no_cuda)
+        saver.save(TrainState(epoch=1))
+    ckpt = checkpoint.load(run.last)
+    assert "rng" not in ckpt  # resume is exact without RNG states (engine/checkpoint.py says why)
+
+    # a checkpoint written before kept torch's and Python's RNG states: it resumes as it did
+    checkpoint.save_atomic({**ckpt, "rng": {"torch": torch.get_rng_state(), "python": [1, 2, 3]}}, run.last)
+    state = TrainState()
+    assert checkpointer(run, seed=2).resume(state, "auto") == run.last and state.epoch == 1

@@ -28,7 +28,6 @@ import mauctl.export
 from mauctl.backbone import build_encoder
 from mauctl.cli import app
 from mauctl.config import PretrainConfig, config_digest, to_toml
-from mauctl.engine.runtime import rng_state
 from mauctl.export import load_exported
 from mauctl.moco import MoCo
 from mauctl.weights import read_encoder
@@ -88,7 +87,7 @@ def make_run(root: Path, *, mlp: bool, small_stem: bool, seed: int = 0) -> Run:
         "epoch_sums": {}, "epoch_count": 0,
         "encoder_q": moco.encoder_q.state_dict(), "encoder_k": moco.encoder_k.state_dict(),
         "queue": moco.queue.keys.detach().clone(), "queue_ptr": 0, "optimizer": optimizer.state_dict(),
-        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "rng": rng_state(),
+        "scaler": {}, "rng": {"torch": torch.get_rng_state(), "python": [0] * 625},  # as saved then
         "config": config.model_dump(), "world_size": 1, "bn_splits": 2,
     }, last)
 

@@ -132,6 +132,20 @@ def test_a_probe_killed_within_an_epoch_resumes_from_its_timed_checkpoint_as_if_
     assert [(h["top1"], h["train_loss"]) for h in history[0]] == [(h["top1"], h["train_loss"]) for h in history[1]]
 
 
+@pytest.mark.slow
+def test_a_probe_resumes_in_fp16_after_an_fp32_epoch(tiny_images, tmp_path):
+    moco_checkpoint(tmp_path / "moco.pt")
+    out = tmp_path / "probe"
+    args = ["lincls", str(tmp_path / "moco.pt"), str(tiny_images), "--image-size", "32", *PROBE,
+            "--out", str(out)]
+    assert run_mauctl(*args, "--epochs", "1", cwd=tmp_path).returncode == 0  # fp32 here: the scaler saves {}
+    fp16 = run_mauctl(*args, "--set", "run.precision='fp16'", cwd=tmp_path)
+    assert fp16.returncode == 0, fp16.stdout + fp16.stderr
+    assert "resuming at epoch 2" in fp16.stdout
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["scaler"]["scale"] > 0
+
+
 def test_the_frozen_backbone_check_catches_a_moved_weight(tmp_path):
     moco_checkpoint(tmp_path / "moco.pt")
     enc = read_encoder(tmp_path / "moco.pt")

@@ -62,7 +62,7 @@ def test_two_processes_train_and_fill_the_run_directory(tiny_images, tmp_path):
 
     ckpt = load_ckpt(out / "checkpoints" / "last.pt")
     assert {"format", "encoder_q", "encoder_k", "queue", "optimizer", "scaler", "epoch", "step_in_epoch",
-            "global_step", "epoch_sums", "epoch_count", "rng", "config", "arch", "world_size", "bn_splits"} == set(ckpt)
+            "global_step", "epoch_sums", "epoch_count", "config", "arch", "world_size", "bn_splits"} == set(ckpt)
     assert ckpt["format"] == "mauctl.pretrain/2" and ckpt["epoch"] == 2 and ckpt["global_step"] == 6
     assert ckpt["queue"]["keys"].shape == (64, 32)
     assert ckpt["queue"]["_extra_state"] == (6 * 16) % 64  # the write pointer
@@ -127,3 +127,21 @@ def test_a_stop_signal_mid_epoch_saves_a_checkpoint_and_the_same_command_finishe
     assert again.returncode == 0, again.stdout + again.stderr
     # per-sample seeding: the resumed run draws exactly what the uninterrupted one drew
     assert_same_state(load_ckpt(straight / "checkpoints/last.pt"), load_ckpt(stopped / "checkpoints/last.pt"))
+
+
+def test_a_bf16_run_resumes_in_fp16_and_then_in_bf16_again(tiny_images, tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", str(tiny_images), *TINY, "--set", "eval.every=0", "--out", str(out)]
+    first = run_mauctl(*args, "--epochs", "1", "--set", "run.precision='bf16'", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert load_ckpt(out / "checkpoints/last.pt")["scaler"] == {}  # no loss scaling in bf16
+
+    fp16 = run_mauctl(*args, "--epochs", "2", "--set", "run.precision='fp16'", cwd=tmp_path)
+    assert fp16.returncode == 0, fp16.stdout + fp16.stderr
+    assert "resuming from" in fp16.stdout and "fp16" in fp16.stdout
+    ckpt = load_ckpt(out / "checkpoints/last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["scaler"]["scale"] > 0  # the loss scale fp16 started afresh
+
+    back = run_mauctl(*args, "--epochs", "3", "--set", "run.precision='bf16'", cwd=tmp_path)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert load_ckpt(out / "checkpoints/last.pt")["epoch"] == 3

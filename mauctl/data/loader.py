@@ -192,11 +192,7 @@ class BadImages:
         ``run``: the RunDir whose status is set to failed (rank 0's), or None.
         """
         if self.rt.distributed:
-            import torch.distributed as dist
-
-            parts: list[dict[str, str] | None] = [None] * self.rt.world_size
-            dist.all_gather_object(parts, self.found)
-            for part in parts:
+            for part in self.rt.gather_objects(self.found):
                 for path, reason in (part or {}).items():
                     self.found.setdefault(path, reason)
         self.count = len(self.found)

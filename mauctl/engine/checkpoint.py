@@ -9,9 +9,8 @@ What a checkpoint holds (a dict; ``torch.load(path, weights_only=True)`` reads i
     epoch_sums      the epoch's logged terms summed over its steps so far, and
     epoch_count     how many steps those sums cover (an epoch resumed mid-way reports its true means)
     optimizer       optimizer.state_dict()
-    scaler          the AMP GradScaler's state_dict() (empty unless fp16)
-    rng             torch's and Python's RNG states (the data order and augmentations do not need them:
-                    they are derived from (seed, epoch, image), see data/loader.py)
+    scaler          the AMP GradScaler's state_dict() (empty unless fp16; a resume in another precision
+                    starts the loss scale afresh, see ``restore``)
     config          the resolved config (model_dump())
 
     pretraining (``Checkpointer`` parts and facts of pretrain.py):
@@ -25,6 +24,14 @@ What a checkpoint holds (a dict; ``torch.load(path, weights_only=True)`` reads i
     history        one record per epoch: {"epoch", "top1", "top5", "train_loss", "train_acc1", "lr"}
     summary        {"best_top1", "best_epoch"}
     wall_time_s    the probe's time so far
+
+No RNG states, yet a resumed run draws exactly what an uninterrupted one would: once the model is
+initialised (weights the checkpoint then replaces), every random draw comes from a generator seeded
+with ``derive_seed(seed, ...)`` of where the run stands: each epoch's order (loader.EpochSampler),
+each image's augmentation (loader.SeededImages, batch_augment.TensorViews: per (epoch, image)), the
+shuffled keys (pretrain.py: per (epoch, step)), the cached probe's order and views (lincls.py). The
+DataLoader seeds its workers from torch's global RNG, but nothing in them draws from it unseeded.
+Checkpoints of earlier versions hold an ``rng`` entry; nothing reads it.
 
 weights.py reads these files for lincls and export; ``upgrade`` reads an older layout.
 
@@ -60,7 +67,7 @@ import torch
 from mauctl import files
 from mauctl.engine import faults
 from mauctl.engine.rundir import RunDir
-from mauctl.engine.runtime import restarted, rng_state
+from mauctl.engine.runtime import restarted
 from mauctl.errors import RunError
 from mauctl.text import plural
 
@@ -189,7 +196,7 @@ class Checkpointer:
             return None
         try:
             for name, part in self.parts.items():
-                part.load_state_dict(ckpt[name])
+                restore(part, ckpt[name])
             state.load(ckpt)
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise RunError(f"{path} does not fit this run (model.* settings differ?): {exc}") from None
@@ -201,7 +208,7 @@ class Checkpointer:
         def write() -> None:
             save_atomic({"format": self.fmt, **state.to_checkpoint(),
                          **{name: part.state_dict() for name, part in self.parts.items()},
-                         "rng": rng_state(), "config": self.config.model_dump(), **self.facts}, self.run.last)
+                         "config": self.config.model_dump(), **self.facts}, self.run.last)
             if state.step_in_epoch == 0 and self.save_every and state.epoch % self.save_every == 0:
                 keep_copy(self.run.last, self.run.kept_name(state.epoch))
             if best and self.keep_best:
@@ -226,6 +233,17 @@ class Checkpointer:
         """The run stops on a signal at ``state``'s position: write it, unless that is what was last written."""
         if self.written_at != (state.epoch, state.step_in_epoch):
             self.save(state)
+
+
+def restore(part: Stateful, state: Any) -> None:
+    """``part.load_state_dict(state)``, except where run.precision changed on resume (allowed).
+
+    A GradScaler saves ``{}`` when disabled (any precision but fp16): an fp16 run resumed from it
+    starts its loss scale afresh. (A disabled scaler ignores what an fp16 run saved.)
+    """
+    if isinstance(part, torch.amp.GradScaler) and not state:
+        return
+    part.load_state_dict(state)
 
 
 def resume_checkpoint(run: RunDir, resume: str, runtime: Any, fmt: str) -> tuple[Path | None, dict | None]:

@@ -78,6 +78,11 @@ class Runtime:
         parts[self.rank] = x_local
         return torch.cat(parts)
 
+    # ---- host-side values: every collective on them is one of these methods
+    # Stop flags, bad-image lists, checkpoint paths and failures live on the host. They cross the
+    # ranks over host_group (gloo beside NCCL; None = the default group, gloo without CUDA) in CPU
+    # tensors: over NCCL each exchange would wait for all the GPU work queued before it.
+
     def agreed_stop(self) -> int:
         """The stop signal any rank received (0 if none): the same number on every rank, so all stop together."""
         return self._max_over_ranks(self.stop.signum or 0)
@@ -87,8 +92,7 @@ class Runtime:
         return bool(self._max_over_ranks(int(flag and self.is_main))) if self.distributed else flag
 
     def _max_over_ranks(self, value: int) -> int:
-        """The largest ``value`` any rank passed. Asked every step: over gloo with a CPU tensor when
-        there is a host group, so the host never waits for queued GPU work."""
+        """The largest ``value`` any rank passed (asked every step)."""
         if not self.distributed:
             return value
         t = torch.tensor([value], dtype=torch.int32, device=self.device if self.host_group is None else "cpu")
@@ -96,11 +100,20 @@ class Runtime:
         return int(t.item())
 
     def broadcast_object(self, obj: object) -> object:
+        """Rank 0's ``obj`` (picklable) on every rank."""
         if not self.distributed:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.host_group)
         return box[0]
+
+    def gather_objects(self, obj: object) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, obj, group=self.host_group)
+        return parts
 
     def close(self) -> None:
         self.stop.restore()
@@ -217,10 +230,3 @@ def derive_seed(*parts: object) -> int:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
