@@ -18,7 +18,9 @@ After the first epoch every backbone weight is compared with the checkpoint's (i
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +201,11 @@ class CachedTrainer:
     Every rank extracts a shard of the features and receives all of them, then trains the same
     classifier on the same global batches: no gradient traffic, the same result on every rank.
     An epoch takes milliseconds: no checkpoint is written and no stop is honoured within one.
+
+    The features are held once, in the dtype the backbone yields (bf16 under bf16 autocast: half the
+    bytes of fp32, widened a batch at a time, which loses nothing): each batch is written into place
+    in one (views, N, D) tensor, the other ranks' rows are gathered into place, and the rows of bad
+    images are dropped in place.
     """
 
     def __init__(self, cfg: LinclsConfig, rt: Runtime, probe: Probe, train: FolderIndex, val: FolderIndex,
@@ -210,45 +217,48 @@ class CachedTrainer:
         clock = time.perf_counter()
         transforms = [(eval_transform(size), None)] if views == 0 else [
             (lincls_train_transform(size, cfg.lincls.crop_scale, cfg.lincls.flip), v) for v in range(1, views + 1)]
-        views_xy = [self._features(train, t, v, self.bad.train) for t, v in transforms]
-        self.bad.train.agree()
-        kept = torch.stack([y >= 0 for _, y in views_xy]).all(dim=0)  # undecodable images are left out
-        self.train_x = torch.stack([x[kept] for x, _ in views_xy])  # (views, N, D)
-        self.train_y = views_xy[0][1][kept]
-        val_x, val_y = self._features(val, eval_transform(size), None, self.bad.val)
-        self.bad.val.agree()
-        self.val_x, self.val_y = val_x[val_y >= 0], val_y[val_y >= 0]
+        with torch.no_grad(), features_only(probe.model.eval()) as model:
+            with rt.autocast():  # one blank image: the features' width, and the dtype that holds them exactly
+                blank = model(torch.zeros(1, 3, size, size, device=rt.device))
+            self.train_x, self.train_y = self._cached(model, train, transforms, self.bad.train, blank)
+            val_x, self.val_y = self._cached(model, val, [(eval_transform(size), None)], self.bad.val, blank)
+            self.val_x = val_x[0]
         reporter.line(f"lincls: features of {plural(len(transforms), 'view')} x {len(train.samples):,} train and "
                       f"{len(val.samples):,} val images extracted in {time.perf_counter() - clock:.1f}s")
         self.steps = self.train_x.shape[1] // cfg.optim.batch_size
 
-    def _features(self, index: FolderIndex, transform, view: int | None,
-                  bad: BadImages) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every image's features and label, in order (all ranks' shards); label -1 for an undecodable image."""
-        rt, seed, model = self.rt, self.cfg.run.seed, self.probe.model
+    def _cached(self, model: nn.Module, index: FolderIndex, transforms: list, bad: BadImages,
+                blank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features of every view of the decodable images, (views, N, D) like ``blank``'s rows; their labels."""
+        rows = blank.new_empty(len(transforms), len(index.samples), blank.shape[1])
+        labels = [self._features(model, index, t, v, bad, rows[i]) for i, (t, v) in enumerate(transforms)]
+        bad.agree()
+        kept = torch.stack(labels).amin(dim=0) >= 0  # undecodable images are left out
+        return keep_rows(rows, kept), labels[0][kept]
+
+    def _features(self, model: nn.Module, index: FolderIndex, transform, view: int | None, bad: BadImages,
+                  rows: torch.Tensor) -> torch.Tensor:
+        """Every image's features written into ``rows``, in order (all ranks' shards); every image's label,
+        -1 for an undecodable image."""
+        rt, seed = self.rt, self.cfg.run.seed
         seed_of = None if view is None else (lambda i: derive_seed(seed, "view", view, i))
         sampler = ShardSampler(len(index.samples), rt.rank, rt.world_size, seed_of)
         loader = make_loader(SeededImages(index.samples, transform, report_skipped=True), sampler,
                              self.cfg.data.workers, pin_memory=rt.device.type == "cuda",
                              batch_size=max(1, self.cfg.optim.batch_size // rt.world_size))
-        parent, attr, fc = last_linear(model)
-        setattr(parent, attr, nn.Identity())
-        model.eval()
-        try:
-            with torch.no_grad():
-                parts, labels = [], []
-                for x, y, skipped in loader:
-                    if skipped:
-                        bad.add(skipped)
-                        y[list(skipped)] = -1  # the row holds another image in place of a bad one
-                    with rt.autocast():
-                        parts.append(model(x.to(rt.device, non_blocking=True)).float())
-                    labels.append(y.to(rt.device, non_blocking=True))
-        finally:
-            setattr(parent, attr, fc)
-        local = torch.cat(parts) if parts else torch.empty(0, fc.in_features, device=rt.device)
-        local_y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=rt.device)
-        return rt.gather_shards(local, len(index.samples)), rt.gather_shards(local_y, len(index.samples))
+        labels = torch.empty(len(index.samples), dtype=torch.long, device=rt.device)
+        mine, my_labels, done = rows[rt.rank::rt.world_size], labels[rt.rank::rt.world_size], 0  # ShardSampler's
+        for x, y, skipped in loader:
+            if skipped:
+                bad.add(skipped)
+                y[list(skipped)] = -1  # the row holds another image in place of a bad one
+            with rt.autocast():
+                features = model(x.to(rt.device, non_blocking=True))
+            mine[done:done + len(y)] = features
+            my_labels[done:done + len(y)] = y.to(rt.device, non_blocking=True)
+            done += len(y)
+        rt.fill_shards(rows)
+        return rt.fill_shards(labels)
 
     def train_epoch(self, epoch: int, first: int, lr: float, checkpoints: Checkpointer) -> int:
         """One epoch over the cached features (always whole: ``first`` is 0); 0, as no stop is taken within it."""
@@ -259,13 +269,13 @@ class CachedTrainer:
         self.log.start_epoch(self.steps, 0, lr)
         for i in range(self.steps):
             idx = order[i * batch:(i + 1) * batch]
-            x, y = self.train_x[view[idx], idx], self.train_y[idx]
+            x, y = self.train_x[view[idx], idx].float(), self.train_y[idx]
             self.log.add(self.probe.step(self.probe.fc(x), y))
         return 0
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        acc1, acc5 = topk_accuracy(self.probe.fc(self.val_x), self.val_y, ks=(1, 5))
+        acc1, acc5 = topk_accuracy(self.probe.fc(self.val_x.float()), self.val_y, ks=(1, 5))
         return acc1.item(), acc5.item()
 
 
@@ -277,6 +287,30 @@ def frozen_with_new_classifier(enc: Encoder, num_classes: int) -> nn.Module:
     for p in last_linear(model)[2].parameters():
         p.requires_grad_(True)
     return model
+
+
+@contextlib.contextmanager
+def features_only(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with its final linear layer replaced by the identity: it returns the features the layer reads."""
+    parent, attr, fc = last_linear(model)
+    setattr(parent, attr, nn.Identity())
+    try:
+        yield model
+    finally:
+        setattr(parent, attr, fc)
+
+
+def keep_rows(rows: torch.Tensor, kept: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """``rows[..., kept, :]`` without a second copy of ``rows``: the kept rows move forward in place, a
+    chunk at a time, and the front part is returned (a view). The j-th kept row is row j or a later one,
+    so no row is overwritten before it is read."""
+    index = kept.nonzero().squeeze(1)
+    if len(index) == len(kept):
+        return rows
+    for first in range(0, len(index), chunk):
+        part = index[first:first + chunk]
+        rows[..., first:first + len(part), :] = rows[..., part, :]
+    return rows[..., :len(index), :]
 
 
 def check_frozen(model: nn.Module, enc: Encoder) -> None:

@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, run_mauctl, write_image_folder
+from conftest import TINY, mauctl_env, run_mauctl, write_image_folder
 from mauctl.backbone import build_encoder
 from mauctl.errors import RunError
-from mauctl.lincls import check_frozen, frozen_with_new_classifier
+from mauctl.lincls import check_frozen, frozen_with_new_classifier, keep_rows
 from mauctl.weights import read_encoder
 
+HERE = Path(__file__).parent
 PROBE = ["--epochs", "2", "--batch-size", "16", "--lr", "0.1", "--workers", "0", "--set", "run.print_freq=1"]
 
 
@@ -144,6 +147,52 @@ def test_a_probe_resumes_in_fp16_after_an_fp32_epoch(tiny_images, tmp_path):
     assert "resuming at epoch 2" in fp16.stdout
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["scaler"]["scale"] > 0
+
+
+@pytest.mark.slow
+def test_two_processes_cache_the_same_features_and_train_the_same_classifier(tiny_images, tmp_path):
+    moco_checkpoint(tmp_path / "moco.pt")
+    common = ["lincls", str(tmp_path / "moco.pt"), str(tiny_images), "--image-size", "32", *PROBE,
+              "--set", "lincls.cached_features=true", "--set", "lincls.augmented_views=2"]
+    for n in (1, 2):
+        result = run_mauctl(*common, "--out", str(tmp_path / str(n)), "--nproc-per-node", str(n), cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+    one, two = (torch.load(tmp_path / str(n) / "checkpoints" / "last.pt", weights_only=True)["model"] for n in (1, 2))
+    for name in ("fc.weight", "fc.bias"):  # each rank's rows gathered into place; convolutions batched differently
+        assert torch.allclose(one[name], two[name], atol=1e-5), name
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads Linux's peak RSS (VmHWM)")
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_the_cached_features_are_held_once_while_they_are_extracted(processes, tmp_path):
+    """Peak RSS growth of the extraction, 2 augmented views and val, within 1.2x the bytes of the features.
+
+    Not the batches beside their concatenation, nor all rows beside the rows of decodable images, nor
+    the views beside their stack, nor (on 2 ranks) the gathered shards beside the reassembled rows.
+    """
+    data = write_image_folder(tmp_path / "data", per_class=32, size=(16, 16))
+    write_image_folder(data, per_class=4, size=(16, 16), split="val", seed=1)
+    launch = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    # a fixed mmap threshold: glibc returns freed batches to the system at once instead of keeping
+    # them in its heap, so the RSS follows the tensors alive
+    result = subprocess.run([sys.executable, *launch, str(HERE / "cached_features_memory.py"), str(data),
+                             str(tmp_path / "out"), "2"], env=mauctl_env(MALLOC_MMAP_THRESHOLD_="1048576"),
+                            capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads(path.read_text()) for path in (tmp_path / "out").glob("memory-*.json")]
+    assert len(ranks) == processes
+    for rank in ranks:
+        assert rank["features"] > 300e6  # what the ratio is measured against dominates the process
+        assert rank["grown"] <= 1.2 * rank["features"], rank
+
+
+def test_bad_rows_are_dropped_in_place_as_indexing_would_drop_them():
+    rows = torch.randn(3, 10, 4)
+    kept = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
+    expected = rows[:, kept]
+    dropped = keep_rows(rows, kept, chunk=2)
+    assert torch.equal(dropped, expected) and dropped.data_ptr() == rows.data_ptr()
+    assert keep_rows(rows, torch.ones(10, dtype=torch.bool)) is rows
 
 
 def test_the_frozen_backbone_check_catches_a_moved_weight(tmp_path):

@@ -55,15 +55,32 @@ class Runtime:
         """Reassemble rows sharded as ``range(rank, total, world_size)`` (see ShardSampler) on every rank."""
         if not self.distributed:
             return local
-        longest = -(-total // self.world_size)
-        padded = torch.zeros(longest, *local.shape[1:], dtype=local.dtype, device=local.device)
-        padded[: local.shape[0]] = local
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded)
-        out = torch.empty(total, *local.shape[1:], dtype=local.dtype, device=local.device)
-        for rank, part in enumerate(parts):
-            out[rank::self.world_size] = part[: len(range(rank, total, self.world_size))]
-        return out
+        out = local.new_empty(total, *local.shape[1:])
+        out[self.rank::self.world_size] = local
+        return self.fill_shards(out)
+
+    def fill_shards(self, rows: torch.Tensor, chunk_bytes: int = 32 << 20) -> torch.Tensor:
+        """``gather_shards`` in place: each rank has written its own rows into ``rows``; the others' come in.
+
+        The rows travel a chunk at a time, at most 1/64 of a shard and ``chunk_bytes`` a rank: the
+        buffers (the backend's own too) stay a few percent of ``rows``, however large ``rows`` is.
+        """
+        if not self.distributed or len(rows) == 0:
+            return rows
+        world, total = self.world_size, len(rows)
+        longest = -(-total // world)  # rows per rank; the last ranks may have one fewer
+        step = max(1, min(-(-longest // 64), chunk_bytes // max(1, rows[0].numel() * rows.element_size())))
+        send = rows.new_zeros(step, *rows.shape[1:])
+        received = rows.new_empty(world, step, *rows.shape[1:])
+        for first in range(0, longest, step):  # rows first .. first + step - 1 of every rank's shard
+            mine = rows[self.rank + first * world:self.rank + (first + step) * world:world]
+            send[:len(mine)] = mine
+            dist.all_gather(list(received.unbind(0)), send)
+            for rank in range(world):
+                if rank != self.rank:
+                    theirs = rows[rank + first * world:rank + (first + step) * world:world]
+                    theirs.copy_(received[rank, :len(theirs)])
+        return rows
 
     def with_own_rows(self, x_local: torch.Tensor) -> torch.Tensor:
         """The global batch with this rank's rows still attached to its autograd graph.
