@@ -118,7 +118,8 @@ def run_bench(cfg: PretrainConfig, rt: Runtime, index: FolderIndex | None, steps
     def train(batch: tuple) -> None:
         x_q, x_k = batch[0], batch[1]
         i = next(counter)
-        training.step(x_q, x_k, torch.Generator().manual_seed(derive_seed(cfg.run.seed, "bench", i)), i + 1)
+        shuffle = torch.Generator(rt.device).manual_seed(derive_seed(cfg.run.seed, "bench", i))
+        training.step(x_q, x_k, shuffle, i + 1)
 
     results = [measure("compute", None, synthetic_batches(), train, steps, per_step, rt.device)]
     if index is not None:

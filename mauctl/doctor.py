@@ -554,7 +554,8 @@ class Steps:
         for _ in range(n):
             x_q, x_k, _ = next(self.batches)
             self.count += 1
-            terms = self.training.step(x_q, x_k, torch.Generator().manual_seed(self.count), self.count)
+            shuffle = torch.Generator(self.training.rt.device).manual_seed(self.count)
+            terms = self.training.step(x_q, x_k, shuffle, self.count)
         return terms
 
     def sync(self) -> None:

@@ -88,11 +88,13 @@ def shuffled_keys(
 ) -> torch.Tensor:
     """Keys of the global batch, in the original order, computed on a shuffled global batch.
 
-    The permutation comes from ``generator``, seeded identically on every rank: no broadcast.
+    The permutation comes from ``generator``, seeded identically on every rank: no broadcast. It
+    is on the batch's device: a permutation drawn on the host and copied over would make the host
+    wait for all the work queued on the device, every step.
     """
     x_all = runtime.gather_rows(x_k_local)
     n = x_all.shape[0]
-    perm = torch.randperm(n, generator=generator).to(x_all.device)
+    perm = torch.randperm(n, generator=generator, device=x_all.device)
     per_rank = n // runtime.world_size
     mine = perm[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
     with runtime.autocast():

@@ -54,7 +54,8 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
             training.model.train()
             clock = time.perf_counter()
             for x_q, x_k, skipped in data.batches(epoch, first):
-                shuffle = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "shuffle", epoch, state.step_in_epoch))
+                shuffle = torch.Generator(rt.device).manual_seed(derive_seed(cfg.run.seed, "shuffle", epoch,
+                                                                             state.step_in_epoch))
                 terms = training.step(x_q, x_k, shuffle, state.global_step + 1)
                 # log if due; at a logging step, save if due (the epoch's sums so far go into the checkpoint)
                 if steps.add(terms, skipped) and state.step_in_epoch < data.steps:
@@ -150,7 +151,10 @@ class Training:
 
     def step(self, x_q: torch.Tensor, x_k: torch.Tensor, shuffle: torch.Generator,
              global_step: int) -> dict[str, torch.Tensor]:
-        """One optimisation step on this rank's views; the loss terms as device tensors."""
+        """One optimisation step on this rank's views; the loss terms as device tensors.
+
+        ``shuffle``: a generator on ``rt.device``, seeded alike on every rank (the shuffle BN permutation).
+        """
         cfg, rt, model = self.cfg, self.rt, self.model
         if self.channels_last:
             x_q, x_k = x_q.contiguous(memory_format=torch.channels_last), x_k.contiguous(memory_format=torch.channels_last)

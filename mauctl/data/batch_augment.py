@@ -240,6 +240,7 @@ class BatchAugment:
 
     def __init__(self, aug: str, image_size: int) -> None:
         self.aug, self.recipe, self.image_size = aug, recipe_for(aug), image_size
+        self._normalisation: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.aug!r}, {self.image_size})"
@@ -291,9 +292,16 @@ class BatchAugment:
             sigma = params[:, SIGMA]
             x = on_rows(x, params[:, BLUR] > 0, lambda x, i: blur(x, sigma[i], self.recipe.sigma[1]))
         x = on_rows(x, params[:, FLIP] > 0, lambda x, i: x.flip(-1))
-        mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+        mean, std = self._mean_std(x.device)
         return x.sub_(mean).div_(std)
+
+    def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """MEAN and STD as (1, 3, 1, 1) tensors on ``device``, copied there once: a copy per batch
+        would make the host wait for all the work queued on the device."""
+        if device not in self._normalisation:
+            mean, std = (torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (MEAN, STD))
+            self._normalisation[device] = mean, std
+        return self._normalisation[device]
 
 
 def _rows(values: torch.Tensor) -> torch.Tensor:
