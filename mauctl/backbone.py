@@ -20,6 +20,10 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     One process then normalises like ``num_splits`` GPUs of the reference would: the groups
     [0, n/s), [n/s, 2n/s), ... are what each GPU's BatchNorm would see. The running statistics
     are the mean over the groups. State-dict compatible with ``nn.BatchNorm2d``.
+
+    Each group is one batch_norm call on a slice of the batch: a slice copies nothing and keeps
+    the memory format (channels_last stays channels_last), where one call on the groups laid side
+    by side along the channels would copy every input and output, in NCHW.
     """
 
     def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
@@ -30,19 +34,19 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         s = self.num_splits
         if not self.training or s == 1:
             return super().forward(x)
-        n, c, h, w = x.shape
+        n = x.shape[0]
         if n % s:
             raise RuntimeError(f"batch of {n} does not split into {s} BatchNorm groups")
-        # groups side by side along channels: (s, n/s, c) -> (n/s, s*c); one batch_norm call does all
-        grouped = x.reshape(s, n // s, c, h, w).transpose(0, 1).reshape(n // s, s * c, h, w)
-        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        # each group updates its own copy of the running statistics; the layer keeps their mean
+        means, variances = self.running_mean.repeat(s, 1), self.running_var.repeat(s, 1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
-        out = F.batch_norm(grouped, mean, var, self.weight.repeat(s), self.bias.repeat(s), True, momentum, self.eps)
+        out = torch.cat([F.batch_norm(group, means[g], variances[g], self.weight, self.bias, True, momentum, self.eps)
+                         for g, group in enumerate(x.chunk(s))])
         with torch.no_grad():
-            self.running_mean.copy_(mean.view(s, c).mean(0))
-            self.running_var.copy_(var.view(s, c).mean(0))
+            self.running_mean.copy_(means.mean(0))
+            self.running_var.copy_(variances.mean(0))
             self.num_batches_tracked += 1
-        return out.reshape(n // s, s, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+        return out
 
 
 def split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:

@@ -1,15 +1,22 @@
-"""The training step as a GPU runs it: no host data per step.
+"""The training step as a GPU runs it: no host data per step, channels_last kept.
 
 This machine has no GPU. The step's checks run on the CPU with tests/host_watch.py standing in
 for a device (it tells host data from device data by where each tensor came from); they also run
-on CUDA where there is one (not run here: skipped).
+on CUDA where there is one (not run here: skipped). The 2-process test runs real gloo processes.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from host_watch import HostDataWatch
 from mauctl.config import load_config
@@ -81,3 +88,86 @@ def test_lincls_validation_counts_on_the_device_and_reads_the_counts_once(device
     assert watch.found == [], "\n".join(watch.found)
     assert (top1, top5) == pytest.approx((100 * expected[0] / expected[2], 100 * expected[1] / expected[2]))
     assert bad.count == 1
+
+
+# ---------------------------------------------------------------- channels_last kept through the step
+
+
+def test_with_channels_last_every_conv_and_batchnorm_of_a_step_sees_channels_last_inputs():
+    """Both encoders, split BatchNorm groups included (64 px: the last stage is 2x2, where the layouts differ)."""
+    rt = single_runtime()
+    training = Training(tiny_config("run.channels_last=true", "model.bn_splits=2", "data.image_size=64",
+                                    "optim.batch_size=8", "model.queue_size=32"), rt)
+    seen, nchw = [], []
+
+    def check(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            seen.append(name)
+            if not args[0].is_contiguous(memory_format=torch.channels_last):
+                nchw.append(name)
+        return hook
+
+    for encoder in ("encoder_q", "encoder_k"):
+        for name, module in getattr(training.model, encoder).named_modules():
+            if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
+                module.register_forward_pre_hook(check(f"{encoder}.{name}"))
+    g = torch.Generator().manual_seed(0)
+    x_q, x_k = torch.randn(8, 3, 64, 64, generator=g), torch.randn(8, 3, 64, 64, generator=g)
+    training.step(x_q, x_k, torch.Generator().manual_seed(1), 1)
+    assert len(seen) == 80  # resnet18: 20 convolutions and 20 BatchNorms per encoder
+    assert nchw == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gather_in_group(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rt = runtime.Runtime(rank, world, rank, torch.device("cpu"), torch.float32, distributed=True)
+    x = torch.full((2, 3, 4, 5), float(rank)).contiguous(memory_format=torch.channels_last)
+    x[:, 1] += 10
+    with NCHWWatch() as watch:
+        gathered = rt.gather_rows(x)
+    torch.save({"x": gathered, "nchw": watch.found}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+class NCHWWatch(TorchDispatchMode):
+    """Records every op (in this thread) that makes a 4-d tensor in another layout than channels_last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+                self.found.append(str(func))
+        return out
+
+
+@pytest.mark.slow
+def test_gather_rows_keeps_channels_last_in_two_gloo_processes(tmp_path):
+    """The gathered batch is channels_last, and no NCHW copy of it was made on the way."""
+    mp.spawn(_gather_in_group, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["x"].is_contiguous(memory_format=torch.channels_last)
+        assert got["nchw"] == []
+        assert got["x"][:2, 0].eq(0).all() and got["x"][2:, 0].eq(1).all()  # rank order, values intact
+        assert got["x"][:2, 1].eq(10).all() and got["x"][2:, 1].eq(11).all()
+
+
+def test_cudnn_benchmark_is_switched_on_for_cuda_runs_only(monkeypatch):
+    """Only the flag is set here (setting it needs no GPU); its effect, cuDNN picking the fastest
+    convolution for the step's fixed shapes, needs one."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    runtime.tune_backends(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    runtime.tune_backends(torch.device("cuda", 0))
+    assert torch.backends.cudnn.benchmark is True

@@ -1,5 +1,6 @@
 """The MoCo layer: the queue, split BatchNorm, the momentum update, shuffled keys, global losses over ranks."""
 
+import copy
 import os
 import socket
 
@@ -46,6 +47,44 @@ def test_split_batchnorm_normalises_each_contiguous_group_on_its_own():
     # running statistics: the mean over the groups of what each group's BatchNorm tracked
     assert torch.allclose(split.running_mean, (ref_a.running_mean + ref_b.running_mean) / 2, atol=1e-6)
     assert torch.allclose(split.running_var, (ref_a.running_var + ref_b.running_var) / 2, atol=1e-6)
+
+
+def _groups_along_channels(bn: nn.BatchNorm2d, x: torch.Tensor, s: int) -> torch.Tensor:
+    """The reference math: the s groups side by side along the channels, one batch_norm over s * c channels."""
+    n, c, h, w = x.shape
+    grouped = x.reshape(s, n // s, c, h, w).transpose(0, 1).reshape(n // s, s * c, h, w)
+    mean, var = bn.running_mean.repeat(s), bn.running_var.repeat(s)
+    out = F.batch_norm(grouped, mean, var, bn.weight.repeat(s), bn.bias.repeat(s), True, bn.momentum, bn.eps)
+    with torch.no_grad():
+        bn.running_mean.copy_(mean.view(s, c).mean(0))
+        bn.running_var.copy_(var.view(s, c).mean(0))
+    return out.reshape(n // s, s, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_split_batchnorm_keeps_the_layout_and_computes_the_grouped_batchnorm_in_float64(layout):
+    torch.manual_seed(0)
+    split = SplitBatchNorm2d(3, num_splits=4).double().train()
+    with torch.no_grad():
+        split.weight.uniform_(0.5, 2)
+        split.bias.uniform_(-1, 1)
+    reference = copy.deepcopy(split)
+    for _ in range(2):  # the second pass starts from the running statistics of the first
+        x = (torch.randn(8, 3, 5, 4, dtype=torch.float64) * 3 + 1).contiguous(memory_format=layout)
+        x_ref = x.detach().clone().requires_grad_()
+        x.requires_grad_()
+        out, expected = split(x), _groups_along_channels(reference, x_ref, 4)
+        assert out.is_contiguous(memory_format=layout)
+        assert torch.allclose(out, expected, atol=1e-12)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        expected.backward(grad)
+        assert torch.allclose(x.grad, x_ref.grad, atol=1e-12)
+        assert torch.allclose(split.weight.grad, reference.weight.grad, atol=1e-12)
+        assert torch.allclose(split.bias.grad, reference.bias.grad, atol=1e-12)
+        assert torch.allclose(split.running_mean, reference.running_mean, atol=1e-12)
+        assert torch.allclose(split.running_var, reference.running_var, atol=1e-12)
+    assert int(split.num_batches_tracked) == 2
 
 
 def test_split_batchnorm_in_eval_mode_is_plain_batchnorm_and_keeps_state_dict_keys():

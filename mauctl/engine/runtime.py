@@ -47,8 +47,9 @@ class Runtime:
         """Concatenate every rank's rows, in rank order (no gradient)."""
         if not self.distributed:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous())
+        x = dense(x)
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]  # in x's memory format
+        dist.all_gather(parts, x)
         return torch.cat(parts)
 
     def gather_shards(self, local: torch.Tensor, total: int) -> torch.Tensor:
@@ -138,6 +139,16 @@ class Runtime:
             dist.destroy_process_group()
 
 
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """``x`` if it is dense in its memory format (contiguous or channels_last), else a contiguous copy.
+
+    What a collective needs: ``.contiguous()`` alone would turn a channels_last batch back into NCHW.
+    """
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    return x.contiguous()
+
+
 class StopFlag:
     """Set by SIGTERM / SIGUSR1 / SIGINT (what SLURM and Ctrl-C send): finish the step, save, exit."""
 
@@ -170,6 +181,13 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested.startswith("cuda:"):
         return torch.device(requested)
     return torch.device("cuda", local_rank)
+
+
+def tune_backends(device: torch.device) -> None:
+    """Speed settings for ``device``: on CUDA, cuDNN times its convolution algorithms the first time it
+    meets a shape and keeps the fastest (a training step's shapes are the same from step to step)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def resolve_auto(value: bool | str, device: torch.device) -> bool:
@@ -217,6 +235,7 @@ def start(device: str, precision: str, timeout_s: float = 1800.0) -> Runtime:
     world = int(env.get("WORLD_SIZE", 1))
     local_rank = int(env.get("LOCAL_RANK", 0))
     dev = resolve_device(device, local_rank)
+    tune_backends(dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if distributed:
