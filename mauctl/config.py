@@ -169,7 +169,10 @@ class OptimConfig(Section):
 class RunConfig(Section):
     out: str = Field("", description="Run directory (default: runs/<preset>_<loss>).")
     seed: int = Field(0, ge=0, description="Random seed for weights, data order and augmentation.")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    device: str = Field(
+        "auto", description="auto, cpu, cuda (each process the GPU of its local rank, or the only one it sees) "
+        "or cuda:N (that GPU: one process per node)."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-native"] = Field(
         "auto", description="Compute precision: auto = bf16 on CUDA, fp32 on CPU; bf16-native = bf16 where the "
         "hardware computes it (CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX), fp32 elsewhere."
@@ -202,7 +205,7 @@ class RunConfig(Section):
 
 class LaunchConfig(Section):
     nproc_per_node: int | Literal["auto"] = Field(
-        "auto", description="Processes per node: auto = one per visible GPU, or 1 on CPU."
+        "auto", description="Processes per node: auto = one per visible GPU (1 with run.device = cuda:N), or 1 on CPU."
     )
     nnodes: int = Field(1, ge=1, description="Number of nodes.")
     node_rank: int = Field(0, ge=0, description="Rank of this node, 0 to nnodes-1.")

@@ -44,17 +44,22 @@ def make_plan(run: RunConfig, launch: LaunchConfig, optim: OptimConfig,
     """World size from torchrun's variables when inside a worker, else from the launch config."""
     environ = os.environ if environ is None else environ
     kind = device_type(run)
+    one_gpu = kind == "cuda" and ":" in run.device  # cuda:N, the same GPU for every process of a node
     if in_worker(environ):
         world = int(environ["WORLD_SIZE"])
         local = int(environ.get("LOCAL_WORLD_SIZE", world))
+        if one_gpu and "LOCAL_WORLD_SIZE" in environ:  # (srun does not say how many processes share a node)
+            _check_one_process_per_gpu(run.device, local)
         plan = Plan(world, local, max(1, world // local), kind, True)
     else:
         nproc = launch.nproc_per_node
+        if one_gpu and nproc != "auto":
+            _check_one_process_per_gpu(run.device, nproc)
         if kind == "cuda" and (_visible_gpus() == 0 or int(run.device.partition(":")[2] or 0) >= _visible_gpus()):
             raise UsageError(f"run.device = {run.device!r}, but {plural(_visible_gpus(), 'CUDA GPU')} visible here",
                              hint="Use --device cpu (or auto), or check CUDA_VISIBLE_DEVICES.")
         if nproc == "auto":
-            nproc = _visible_gpus() if kind == "cuda" else 1
+            nproc = _visible_gpus() if kind == "cuda" and not one_gpu else 1
         if kind == "cuda" and nproc > max(1, _visible_gpus()):
             raise UsageError(
                 f"launch.nproc_per_node = {nproc} but only {plural(_visible_gpus(), 'GPU')} visible",
@@ -68,6 +73,16 @@ def make_plan(run: RunConfig, launch: LaunchConfig, optim: OptimConfig,
             hint="The batch size is global: choose one that splits evenly over the processes.",
         )
     return plan
+
+
+def _check_one_process_per_gpu(device: str, processes: int) -> None:
+    """NCCL cannot run two processes of one job on one GPU: a named GPU is for one process per node."""
+    if processes > 1:
+        raise UsageError(
+            f"run.device = {device!r} would put all {processes} processes of a node on one GPU",
+            hint="Use --device cuda (each process takes the GPU of its local rank) and choose the GPUs with "
+                 "CUDA_VISIBLE_DEVICES, or run one process per node with --nproc-per-node 1.",
+        )
 
 
 def _visible_gpus() -> int:

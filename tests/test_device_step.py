@@ -1,8 +1,10 @@
-"""The training step as a GPU runs it: no host data per step, channels_last kept.
+"""The training step as a GPU runs it: no host data per step, channels_last kept, the device each process takes.
 
 This machine has no GPU. The step's checks run on the CPU with tests/host_watch.py standing in
 for a device (it tells host data from device data by where each tensor came from); they also run
-on CUDA where there is one (not run here: skipped). The 2-process test runs real gloo processes.
+on CUDA where there is one (not run here: skipped). The device selection tests fake CUDA's
+answers (torch.cuda.is_available / device_count), since there is no CUDA here to ask. Nothing
+else is mocked: the 2-process test runs real gloo processes.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from conftest import TINY, run_mauctl
 from host_watch import HostDataWatch
-from mauctl.config import load_config
+from mauctl.config import LaunchConfig, OptimConfig, RunConfig, load_config
 from mauctl.data.folder import scan_split
 from mauctl.data.loader import BadImages
 from mauctl.data.pipeline import TrainData
 from mauctl.engine import runtime
+from mauctl.errors import UsageError
+from mauctl.launch import make_plan
 from mauctl.lincls import evaluate
 from mauctl.pretrain import Training
 
@@ -171,3 +176,65 @@ def test_cudnn_benchmark_is_switched_on_for_cuda_runs_only(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
     runtime.tune_backends(torch.device("cuda", 0))
     assert torch.backends.cudnn.benchmark is True
+
+
+# ---------------------------------------------------------------- which GPU each process takes (CUDA faked)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CUDA answering as a node with ``n`` visible GPUs would: there is no CUDA here to ask."""
+
+    def visible(n: int, env: str | None = None) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        if env is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
+
+    return visible
+
+
+@pytest.mark.parametrize("requested, visible, local_rank, expected", [
+    ("cuda", 8, 3, "cuda:3"),  # torchrun on a node: one process per GPU, all GPUs visible
+    ("auto", 8, 0, "cuda:0"),
+    ("cuda", 1, 3, "cuda:0"),  # srun --gpus-per-task=1: each process sees its own GPU as cuda:0
+    ("auto", 1, 7, "cuda:0"),
+    ("cuda:1", 8, 0, "cuda:1"),  # one process, the GPU it was told
+])
+def test_each_process_takes_the_gpu_of_its_local_rank_or_the_only_one_it_sees(fake_cuda, requested, visible,
+                                                                                local_rank, expected):
+    fake_cuda(visible)
+    assert runtime.resolve_device(requested, local_rank) == torch.device(expected)
+
+
+def test_a_local_rank_beyond_several_visible_gpus_is_refused_with_what_is_visible(fake_cuda):
+    fake_cuda(2, env="4,5")
+    with pytest.raises(UsageError) as err:
+        runtime.resolve_device("cuda", 3)
+    text = str(err.value)
+    assert "local rank 3" in text and "2 GPUs" in text and "CUDA_VISIBLE_DEVICES=4,5" in text
+    assert "--gpus-per-task=1" in text  # what to do
+
+
+def test_an_explicit_gpu_means_one_process_per_node_by_default(fake_cuda):
+    fake_cuda(4)
+    plan = make_plan(RunConfig(device="cuda:2"), LaunchConfig(), OptimConfig(batch_size=16), environ={})
+    assert plan.nproc_per_node == 1 and plan.world_size == 1
+
+
+@pytest.mark.parametrize("how, args, env", [
+    ("launcher", ["--nproc-per-node", "2"], {}),
+    ("inside torchrun", [], {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}),
+])
+def test_one_gpu_for_several_processes_per_node_is_a_usage_error(tiny_images, tmp_path, how, args, env):
+    out = tmp_path / "run"
+    result = run_mauctl("pretrain", str(tiny_images), *TINY, "--device", "cuda:0", *args, "--out", str(out),
+                        cwd=tmp_path, timeout=120, **env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    text = " ".join((result.stdout + result.stderr).split())
+    assert "run.device = 'cuda:0'" in text and "2 processes" in text
+    assert "CUDA_VISIBLE_DEVICES" in text and "--nproc-per-node 1" in text
+    assert "Traceback" not in text
+    assert not out.exists()  # refused before any worker started

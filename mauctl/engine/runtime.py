@@ -172,6 +172,12 @@ class StopFlag:
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
+    """This process's device: the GPU of its local rank, or the only GPU it sees.
+
+    torchrun on a node shows every process all the GPUs (local rank i takes cuda:i); SLURM's
+    ``--gpus-per-task=1`` shows each process its own GPU alone, as cuda:0. An explicit ``cuda:N``
+    is taken as is (the launch plan refuses it with several processes per node).
+    """
     if requested == "cpu":
         return torch.device("cpu")
     if requested == "auto" and not torch.cuda.is_available():
@@ -180,7 +186,18 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
         raise UsageError(f"run.device = {requested!r} but CUDA is not available here", hint="Use --device cpu.")
     if requested.startswith("cuda:"):
         return torch.device(requested)
-    return torch.device("cuda", local_rank)
+    visible = torch.cuda.device_count()
+    if local_rank < visible:
+        return torch.device("cuda", local_rank)
+    if visible == 1:
+        return torch.device("cuda", 0)
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise UsageError(
+        f"local rank {local_rank} has no GPU of its own: this process sees {visible} GPUs "
+        + (f"(CUDA_VISIBLE_DEVICES={shown})" if shown is not None else "(CUDA_VISIBLE_DEVICES is not set)"),
+        hint="Start at most one process per visible GPU on each node (--nproc-per-node, srun --ntasks-per-node), "
+             "or give each process exactly one GPU (srun --gpus-per-task=1).",
+    )
 
 
 def tune_backends(device: torch.device) -> None:
