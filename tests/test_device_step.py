@@ -156,7 +156,6 @@ class NCHWWatch(TorchDispatchMode):
         return out
 
 
-@pytest.mark.slow
 def test_gather_rows_keeps_channels_last_in_two_gloo_processes(tmp_path):
     """The gathered batch is channels_last, and no NCHW copy of it was made on the way."""
     mp.spawn(_gather_in_group, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
