@@ -45,6 +45,7 @@ one warning, and Pillow remains the fallback for anything torchvision.io refuses
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -476,45 +477,82 @@ def _png(img: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+JPEG_START = [0xFF, 0xD8, 0xFF]
+
+
 @dataclass
 class EncodedViews:
-    """A batch of `EncodedImage`; ``.to(device)`` gives the (B, 2, 3, S, S) uint8 views on ``device``.
+    """A batch of `EncodedImage` in four tensors; ``.to(device)``: the (B, 2, 3, S, S) uint8 views there.
 
-    NOT EXERCISED BY CI (no GPU there). JPEGs are decoded by nvJPEG in one batch; other formats, and
-    JPEGs nvJPEG refuses, on the CPU as in the workers. A file that passed the worker's header check
-    but decodes nowhere (a truncated JPEG) becomes a black image with a warning: unlike the CPU path
-    it is not replaced by the next image, nor counted in the bad-image report.
+    The files' bytes travel as one tensor, not one per image: each tensor a loader worker sends
+    holds a file descriptor until the batch is used (torch's file_descriptor sharing), and two per
+    image ran out of them at batch 256 with 2 workers under ``ulimit -n 1024``.
+
+    NOT EXERCISED BY CI (no GPU there). On CUDA, JPEGs are decoded by nvJPEG in one batch; other
+    formats, and JPEGs nvJPEG refuses, on the CPU as in the workers. On the CPU every file is decoded as in the workers, to
+    the same views. A file that passed the worker's header check but decodes nowhere (a truncated
+    JPEG) becomes a black image with a warning: unlike the CPU path it is not replaced by the next
+    image, nor counted in the bad-image report.
     """
 
-    images: list[EncodedImage]
+    data: torch.Tensor  # (N,) uint8: every file's bytes, one after another
+    offsets: torch.Tensor  # (B + 1,) int64: file i is data[offsets[i]:offsets[i + 1]]
+    sizes: torch.Tensor  # (B, 2) int64: height, width
+    boxes: torch.Tensor  # (B, 2, 4) int64: top, left, h, w of each view
+    image_size: int  # S: the crops are resized to S x S
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def files(self) -> list[torch.Tensor]:
+        """Each file's bytes, as views of ``data`` (no copies)."""
+        bounds = self.offsets.tolist()
+        return [self.data[start:end] for start, end in itertools.pairwise(bounds)]
 
     def pin_memory(self) -> EncodedViews:
-        return self
+        return self  # nvJPEG copies the bytes through pinned buffers of its own
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
         device = torch.device(device)
-        decoded: list[torch.Tensor | None] = [None] * len(self.images)
-        jpegs = [i for i, img in enumerate(self.images) if img.data[:3].tolist() == [0xFF, 0xD8, 0xFF]]
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        files = self.files()
+        decoded: list[torch.Tensor | None] = [None] * len(files)
+        jpegs = [i for i, data in enumerate(files) if data[:3].tolist() == JPEG_START]
         if jpegs and device.type == "cuda":
-            try:
-                batch = decode_jpeg([self.images[i].data for i in jpegs], mode=ImageReadMode.RGB,
-                                    device=device)
-            except RuntimeError:  # one JPEG that nvJPEG refuses fails all: one by one, the refused on the CPU
-                batch = [_decode_jpeg_or_none(self.images[i].data, device) for i in jpegs]
-            for i, pixels in zip(jpegs, batch):
+            for i, pixels in zip(jpegs, decode_jpegs([files[i] for i in jpegs], device)):
                 decoded[i] = pixels
-        views = []
-        for img, pixels in zip(self.images, decoded):
+        images = []
+        for data, (height, width), pixels in zip(files, self.sizes.tolist(), decoded):
             if pixels is None:
                 try:
-                    pixels = decode_bytes(img.data.numpy().tobytes()).to(device, non_blocking=non_blocking)
+                    pixels = decode_bytes(data.numpy().tobytes()).to(device, non_blocking=non_blocking)
                 except Exception as exc:
-                    warnings.warn(f"an image of {img.width}x{img.height} decodes neither on the GPU nor with "
+                    warnings.warn(f"an image of {width}x{height} decodes neither on the GPU nor with "
                                   f"Pillow ({exc}); a black image stands in", RuntimeWarning, stacklevel=2)
-                    pixels = torch.zeros(3, img.height, img.width, dtype=torch.uint8, device=device)
-            crops = [resized_crop(pixels, box.tolist(), img.image_size) for box in img.boxes]
-            views.append(torch.stack(crops))
-        return torch.stack(views)
+                    pixels = torch.zeros(3, height, width, dtype=torch.uint8, device=device)
+            images.append(pixels)
+        return resized_crops(images, self.boxes, self.image_size)
+
+
+def collate_encoded(batch: list[tuple]) -> tuple:
+    """(EncodedViews, params, labels, skipped): loader.collate for TensorViews(decode_on="cuda")."""
+    skipped: dict[int, Skipped] = {row: item[-1] for row, item in enumerate(batch) if item[-1]}
+    params, labels = default_collate([item[1:3] for item in batch])
+    images: list[EncodedImage] = [item[0] for item in batch]
+    lengths = torch.tensor([0] + [len(img.data) for img in images])
+    views = EncodedViews(torch.cat([img.data for img in images]), lengths.cumsum(0),
+                         torch.tensor([[img.height, img.width] for img in images]),
+                         torch.stack([img.boxes for img in images]), images[0].image_size)
+    return views, params, labels, skipped
+
+
+def decode_jpegs(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """JPEG files decoded by nvJPEG on ``device``; None where nvJPEG refuses one."""
+    try:
+        return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one JPEG that nvJPEG refuses fails all: one by one, the refused are None
+        return [_decode_jpeg_or_none(data, device) for data in files]
 
 
 def _decode_jpeg_or_none(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
@@ -524,8 +562,27 @@ def _decode_jpeg_or_none(data: torch.Tensor, device: torch.device) -> torch.Tens
         return None
 
 
-def collate_encoded(batch: list[tuple]) -> tuple:
-    """(EncodedViews, params, labels, skipped): loader.collate for TensorViews(decode_on="cuda")."""
-    skipped: dict[int, Skipped] = {row: item[-1] for row, item in enumerate(batch) if item[-1]}
-    params, labels = default_collate([item[1:3] for item in batch])
-    return EncodedViews([item[0] for item in batch]), params, labels, skipped
+def resized_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 2, 3, S, S) uint8: the crops ``boxes`` (B, 2, 4) of (3, H, W) uint8 images, as `resized_crop` does.
+
+    On the CPU that is `resized_crop` of each crop (torchvision's uint8 resize, as in the workers).
+    On a GPU torchvision resizes uint8 through float32: cast, resize, round and cast back each crop,
+    then stack, about 9 kernel launches per image (2,300 at batch 256); `_resized_crops_float` does
+    the same arithmetic, rounding the whole batch at once, in about 4 (1,030).
+    """
+    if all(img.device.type == "cpu" for img in images):
+        return torch.stack([torch.stack([resized_crop(img, box, size) for box in image_boxes])
+                            for img, image_boxes in zip(images, boxes.tolist())])
+    return _resized_crops_float(images, boxes, size)
+
+
+def _resized_crops_float(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
+    crops = []
+    for img, image_boxes in zip(images, boxes.tolist()):
+        for top, left, height, width in image_boxes:
+            crop = img[None, :, top:top + height, left:left + width].float()  # contiguous, as resizes want
+            if (height, width) != (size, size):  # torchvision returns a crop of the right size as it is
+                crop = F.interpolate(crop, size=[size, size], mode="bilinear", align_corners=False,
+                                     antialias=True)
+            crops.append(crop)
+    return torch.cat(crops).round_().to(torch.uint8).unflatten(0, (len(images), 2))
