@@ -1,11 +1,12 @@
 """data.gpu_decode: loader workers send the files' bytes, `EncodedViews.to` decodes them with nvJPEG.
 
-CI has no GPU: the path up to the decoder runs on the CPU; the tests that need a GPU are skipped
-without one.
+CI has no GPU. The path up to the decoder runs on the CPU, and the CUDA stream protocol of the
+decode with CUDA mocked; the tests that need a GPU are skipped without one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.io import decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import mauctl_env, write_image_folder
@@ -132,7 +134,77 @@ def test_batched_crops_off_the_cpu_are_torchvisions_uint8_resize_in_fewer_ops():
     assert (crops.int() - workers.int()).abs().max() <= 1
 
 
+class FakeStream:
+    """Stands in for torch.cuda.Stream: CUDA is mocked in the test below (no GPU in CI)."""
+
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def wait_stream(self, other: FakeStream) -> None:
+        self.log.append(("wait", self, other))
+
+
+def test_nvjpeg_writes_on_a_side_stream_that_the_current_stream_then_waits_for(tmp_path, monkeypatch):
+    """CUDA is mocked here: fake streams, and a decode_jpeg that decodes on the CPU and notes the stream
+    that is current, the one torchvision allocates its outputs on. What is checked is the order
+    EncodedViews.to relies on; that nvJPEG then corrupts nothing is checked on a GPU
+    (test_on_a_gpu_decoding_corrupts_no_queued_read)."""
+    log: list = []
+    streams = {"current": FakeStream("current", log)}
+    made: list[FakeStream] = []
+
+    def new_stream(device: torch.device) -> FakeStream:
+        made.append(FakeStream(f"side({device})", log))
+        return made[-1]
+
+    @contextlib.contextmanager
+    def stream(s: FakeStream):
+        before, streams["current"] = streams["current"], s
+        yield
+        streams["current"] = before
+
+    def nvjpeg(files, mode, device):
+        log.append(("decode", streams["current"]))
+        return [decode_jpeg(data, mode=mode) for data in files]
+
+    monkeypatch.setattr(ba, "_DECODE_STREAMS", {}, raising=False)
+    monkeypatch.setattr(torch.cuda, "Stream", new_stream)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: streams["current"])
+    monkeypatch.setattr(ba, "decode_jpeg", nvjpeg)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: log.append(("record", s)))
+    write_image_folder(tmp_path, classes=1, per_class=3, size=(40, 32))
+    samples = [(str(p), 0) for p in sorted((tmp_path / "train").rglob("*.jpg"))]
+    dataset = ba.TensorViews(samples, "v1", 16, decode_on="cuda")
+    encoded = ba.collate_encoded([dataset[(i, 2)] for i in range(3)])[0]
+
+    views = encoded.to("cuda:0")
+    assert [str(s) for s in made] == ["side(cuda:0)"]
+    side, current = made[0], streams["current"]
+    assert log == [("decode", side), ("wait", current, side)] + [("record", current)] * 3
+    assert torch.equal(views, torch.stack([ba.TensorViews(samples, "v1", 16)[(i, 2)][0] for i in range(3)]))
+    encoded.to("cuda:0")
+    encoded.to("cuda:1")
+    assert [str(s) for s in made] == ["side(cuda:0)", "side(cuda:1)"]  # one side stream per device, made once
+
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: nvJPEG and CUDA streams")
+
+
+@needs_gpu
+def test_on_a_gpu_decoding_corrupts_no_queued_read():
+    assert ba.gpu_decode_ordering_errors("cuda", trials=20) == 0
+
+
+@needs_gpu
+def test_on_a_gpu_the_ordering_check_sees_the_race_of_decoding_on_the_current_stream(monkeypatch):
+    """What the side stream is for: torchvision's default, outputs from the current stream's pool
+    (pytorch/vision#9606; 19 of 20 trials corrupted on an H200 in the review)."""
+    monkeypatch.setattr(ba, "decode_stream", torch.cuda.current_stream)
+    assert ba.gpu_decode_ordering_errors("cuda", trials=5) > 0
 
 
 @needs_gpu
