@@ -88,7 +88,8 @@ class DataConfig(Section):
         "up to 64 px; pil otherwise.",
     )
     gpu_decode: bool = Field(
-        False, description="With the tensor pipeline on CUDA: decode JPEGs on the GPU (nvJPEG) in batches."
+        False, description="With the tensor pipeline on CUDA: decode JPEGs on the GPU (nvJPEG) in batches, on a side "
+        "stream the training stream waits for (nvJPEG does not wait for work queued on the training stream).",
     )
     max_bad_fraction: float = Field(
         0.001, ge=0.0, le=1.0,

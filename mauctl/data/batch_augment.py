@@ -36,8 +36,9 @@ the batch), and the random choices are exactly those of the PIL recipe. Only the
 
 ``BatchAugment(views, generator)`` instead draws the choices from ``generator`` on the views'
 device (same distributions, vectorised), for batches that do not come from `TensorViews`.
-``decode_on="cuda"`` makes workers send the encoded files, decoded by nvJPEG in `EncodedViews.to`:
-that call is not exercised by CI, which has no GPU (everything up to it is).
+``decode_on="cuda"`` makes workers send the encoded files, decoded by nvJPEG in `EncodedViews.to`
+on a side CUDA stream (see `decode_jpegs` for why). CI has no GPU: it runs everything up to the
+decoder, and the stream protocol with CUDA mocked; `gpu_decode_ordering_errors` checks on a GPU.
 
 torchvision 0.29 deprecates torchvision.io's image decoders in favour of TorchCodec; we silence that
 one warning, and Pillow remains the fallback for anything torchvision.io refuses.
@@ -45,6 +46,7 @@ one warning, and Pillow remains the fallback for anything torchvision.io refuses
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -56,7 +58,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from mauctl.data.augment import MEAN, STD, Recipe, pretrain_view, recipe_for, to_rgb
@@ -179,7 +181,7 @@ class TensorViews(Dataset):
     The tensor counterpart of ``SeededImages(samples, TwoViews(pretrain_view(aug, S)), report_skipped=True)``
     with the same bad-image policy (loader.first_decodable). With ``decode_on="cuda"`` the worker
     only reads the file and its header (size, bad-image checks) and ``views`` is an `EncodedImage`,
-    decoded and cropped on the GPU by `EncodedViews.to` (not exercised by CI).
+    decoded and cropped on the GPU by `EncodedViews.to`.
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], aug: str, image_size: int,
@@ -219,7 +221,7 @@ def make_tensor_loader(samples: Sequence[tuple[str, int]], aug: str, image_size:
     """Batches (views, params, labels, skipped) for `BatchAugment.two_views`; see the module docstring.
 
     ``sampler`` yields (index, seed) as loader.EpochSampler does. With ``decode_on="cuda"``, ``views``
-    is an `EncodedViews` whose ``.to(device)`` decodes and crops on the GPU (not exercised by CI).
+    is an `EncodedViews` whose ``.to(device)`` decodes and crops on the GPU.
     """
     dataset = TensorViews(samples, aug, image_size, scale=scale, decode_on=decode_on)
     return make_loader(dataset, sampler, workers, pin_memory, persistent=persistent,
@@ -457,7 +459,7 @@ def _denormalised(view: torch.Tensor) -> Image.Image:
     return TF.to_pil_image((view * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8))
 
 
-# ---------------------------------------------------------------- GPU decoding (not exercised by CI)
+# ---------------------------------------------------------------- GPU decoding
 
 
 @dataclass
@@ -484,45 +486,114 @@ def _png(img: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+JPEG_START = [0xFF, 0xD8, 0xFF]
+
+
 @dataclass
 class EncodedViews:
-    """A batch of `EncodedImage`; ``.to(device)`` gives the (B, 2, 3, S, S) uint8 views on ``device``.
+    """A batch of `EncodedImage` in four tensors; ``.to(device)``: the (B, 2, 3, S, S) uint8 views there.
 
-    NOT EXERCISED BY CI (no GPU there). JPEGs are decoded by nvJPEG in one batch; other formats, and
-    JPEGs nvJPEG refuses, on the CPU as in the workers. A file that passed the worker's header check
-    but decodes nowhere (a truncated JPEG) becomes a black image with a warning: unlike the CPU path
-    it is not replaced by the next image, nor counted in the bad-image report.
+    The files' bytes travel as one tensor, not one per image: each tensor a loader worker sends
+    holds a file descriptor until the batch is used (torch's file_descriptor sharing), and two per
+    image ran out of them at batch 256 with 2 workers under ``ulimit -n 1024``.
+
+    On CUDA, JPEGs are decoded by nvJPEG in one batch on a side stream (`decode_jpegs`; CI has no
+    GPU, `gpu_decode_ordering_errors` is the check on one); other formats, and JPEGs nvJPEG
+    refuses, on the CPU as in the workers. On the CPU every file is decoded as in the workers, to
+    the same views. A file that passed the worker's header check but decodes nowhere (a truncated
+    JPEG) becomes a black image with a warning: unlike the CPU path it is not replaced by the next
+    image, nor counted in the bad-image report.
     """
 
-    images: list[EncodedImage]
+    data: torch.Tensor  # (N,) uint8: every file's bytes, one after another
+    offsets: torch.Tensor  # (B + 1,) int64: file i is data[offsets[i]:offsets[i + 1]]
+    sizes: torch.Tensor  # (B, 2) int64: height, width
+    boxes: torch.Tensor  # (B, 2, 4) int64: top, left, h, w of each view
+    image_size: int  # S: the crops are resized to S x S
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def files(self) -> list[torch.Tensor]:
+        """Each file's bytes, as views of ``data`` (no copies)."""
+        bounds = self.offsets.tolist()
+        return [self.data[start:end] for start, end in itertools.pairwise(bounds)]
 
     def pin_memory(self) -> EncodedViews:
-        return self
+        return self  # nvJPEG copies the bytes through pinned buffers of its own
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
         device = torch.device(device)
-        decoded: list[torch.Tensor | None] = [None] * len(self.images)
-        jpegs = [i for i, img in enumerate(self.images) if img.data[:3].tolist() == [0xFF, 0xD8, 0xFF]]
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        files = self.files()
+        decoded: list[torch.Tensor | None] = [None] * len(files)
+        jpegs = [i for i, data in enumerate(files) if data[:3].tolist() == JPEG_START]
         if jpegs and device.type == "cuda":
-            try:
-                batch = decode_jpeg([self.images[i].data for i in jpegs], mode=ImageReadMode.RGB,
-                                    device=device)
-            except RuntimeError:  # one JPEG that nvJPEG refuses fails all: one by one, the refused on the CPU
-                batch = [_decode_jpeg_or_none(self.images[i].data, device) for i in jpegs]
-            for i, pixels in zip(jpegs, batch):
+            for i, pixels in zip(jpegs, decode_jpegs([files[i] for i in jpegs], device)):
                 decoded[i] = pixels
-        views = []
-        for img, pixels in zip(self.images, decoded):
+        images = []
+        for data, (height, width), pixels in zip(files, self.sizes.tolist(), decoded):
             if pixels is None:
                 try:
-                    pixels = decode_bytes(img.data.numpy().tobytes()).to(device, non_blocking=non_blocking)
+                    pixels = decode_bytes(data.numpy().tobytes()).to(device, non_blocking=non_blocking)
                 except Exception as exc:
-                    warnings.warn(f"an image of {img.width}x{img.height} decodes neither on the GPU nor with "
+                    warnings.warn(f"an image of {width}x{height} decodes neither on the GPU nor with "
                                   f"Pillow ({exc}); a black image stands in", RuntimeWarning, stacklevel=2)
-                    pixels = torch.zeros(3, img.height, img.width, dtype=torch.uint8, device=device)
-            crops = [resized_crop(pixels, box.tolist(), img.image_size) for box in img.boxes]
-            views.append(torch.stack(crops))
-        return torch.stack(views)
+                    pixels = torch.zeros(3, height, width, dtype=torch.uint8, device=device)
+            images.append(pixels)
+        return resized_crops(images, self.boxes, self.image_size)
+
+
+def collate_encoded(batch: list[tuple]) -> tuple:
+    """(EncodedViews, params, labels, skipped): loader.collate for TensorViews(decode_on="cuda")."""
+    skipped: dict[int, Skipped] = {row: item[-1] for row, item in enumerate(batch) if item[-1]}
+    params, labels = default_collate([item[1:3] for item in batch])
+    images: list[EncodedImage] = [item[0] for item in batch]
+    lengths = torch.tensor([0] + [len(img.data) for img in images])
+    views = EncodedViews(torch.cat([img.data for img in images]), lengths.cumsum(0),
+                         torch.tensor([[img.height, img.width] for img in images]),
+                         torch.stack([img.boxes for img in images]), images[0].image_size)
+    return views, params, labels, skipped
+
+
+_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream nvJPEG's outputs are allocated on: one per device, made once.
+
+    Its pool of the caching allocator keeps about one batch of decoded images.
+    """
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    return _DECODE_STREAMS[device]
+
+
+def decode_jpegs(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """JPEG files decoded by nvJPEG on ``device``, ready for the current stream (None: nvJPEG refused it).
+
+    torchvision allocates nvJPEG's outputs from the caching allocator on the caller's current
+    stream, and nvJPEG writes them without waiting for that stream's queued work
+    (pytorch/vision#9606). On the training stream it can be handed a block the previous step freed
+    while its backward is still queued to read it: silent corruption (19 of 20 trials on an H200).
+    So we decode with a side stream current: the outputs come from that stream's own pool, whose
+    blocks only ever held decoded images, and each of those returns to the pool only once the
+    current stream's reads of it are done (record_stream). The current stream waits for the side
+    stream on the device, not the host (torchvision has made the side stream wait for nvJPEG), so
+    the crops queued after this call read finished pixels. `gpu_decode_ordering_errors` checks it.
+    """
+    current, side = torch.cuda.current_stream(device), decode_stream(device)
+    with torch.cuda.stream(side):
+        try:
+            decoded = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one JPEG that nvJPEG refuses fails all: one by one, the refused are None
+            decoded = [_decode_jpeg_or_none(data, device) for data in files]
+    current.wait_stream(side)
+    for pixels in decoded:
+        if pixels is not None:
+            pixels.record_stream(current)
+    return decoded
 
 
 def _decode_jpeg_or_none(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
@@ -532,8 +603,64 @@ def _decode_jpeg_or_none(data: torch.Tensor, device: torch.device) -> torch.Tens
         return None
 
 
-def collate_encoded(batch: list[tuple]) -> tuple:
-    """(EncodedViews, params, labels, skipped): loader.collate for TensorViews(decode_on="cuda")."""
-    skipped: dict[int, Skipped] = {row: item[-1] for row, item in enumerate(batch) if item[-1]}
-    params, labels = default_collate([item[1:3] for item in batch])
-    return EncodedViews([item[0] for item in batch]), params, labels, skipped
+def resized_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 2, 3, S, S) uint8: the crops ``boxes`` (B, 2, 4) of (3, H, W) uint8 images, as `resized_crop` does.
+
+    On the CPU that is `resized_crop` of each crop (torchvision's uint8 resize, as in the workers).
+    On a GPU torchvision resizes uint8 through float32: cast, resize, round and cast back each crop,
+    then stack, about 9 kernel launches per image (2,300 at batch 256); `_resized_crops_float` does
+    the same arithmetic, rounding the whole batch at once, in about 4 (1,030).
+    """
+    if all(img.device.type == "cpu" for img in images):
+        return torch.stack([torch.stack([resized_crop(img, box, size) for box in image_boxes])
+                            for img, image_boxes in zip(images, boxes.tolist())])
+    return _resized_crops_float(images, boxes, size)
+
+
+def _resized_crops_float(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
+    crops = []
+    for img, image_boxes in zip(images, boxes.tolist()):
+        for top, left, height, width in image_boxes:
+            crop = img[None, :, top:top + height, left:left + width].float()  # contiguous, as resizes want
+            if (height, width) != (size, size):  # torchvision returns a crop of the right size as it is
+                crop = F.interpolate(crop, size=[size, size], mode="bilinear", align_corners=False,
+                                     antialias=True)
+            crops.append(crop)
+    return torch.cat(crops).round_().to(torch.uint8).unflatten(0, (len(images), 2))
+
+
+def gpu_decode_ordering_errors(device: torch.device | str, trials: int = 20) -> int:
+    """How many of ``trials`` queued reads of freed memory a decode by `EncodedViews.to` corrupted (0: none).
+
+    Each trial fills buffers of a decoded image's size, queues ~10 ms of GPU work and then a sum
+    of each buffer on the current stream, frees the buffers while the sums are still queued, and
+    decodes as many JPEGs of that size through `EncodedViews.to`. If the decoder was handed a freed
+    block and wrote it before the sum ran, the sum is wrong. The same check with torchvision's
+    decode_jpeg on the current stream saw 19 of 20 trials corrupted on an H200 (20 of 20 batched).
+    Needs CUDA.
+    """
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    count, height, width = 4, 192, 256
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (count, 3, height, width), dtype=torch.uint8, generator=generator)
+    files = [encode_jpeg(img, quality=90) for img in noise]
+    whole = torch.tensor([[0, 0, height, width]] * 2)  # both views: the whole image, resized to 64 px
+    views = collate_encoded([(EncodedImage(data, height, width, whole, 64), torch.zeros(2, PARAMS), 0, ())
+                             for data in files])[0]
+    bad = 0
+    with torch.cuda.device(device):
+        views.to(device)  # the decoder's first call sets it up, outside the timed window
+        torch.cuda.synchronize(device)
+        for _ in range(trials):
+            buffers = [torch.ones(3 * height * width, dtype=torch.uint8, device=device)
+                       for _ in range(count)]
+            torch.cuda.synchronize(device)
+            torch.cuda._sleep(20_000_000)  # ~10 ms at 2 GHz: the queued work of a step
+            sums = [buffer.sum() for buffer in buffers]
+            del buffers  # freed while the sums are queued, as a step frees its activations
+            views.to(device)
+            torch.cuda.synchronize(device)
+            bad += any(int(s) != 3 * height * width for s in sums)
+    return bad
