@@ -52,12 +52,14 @@ def configurations(cuda: bool) -> list[tuple[str, list[str]]]:
     return rows
 
 
-def bench(data: str | None, extra: list[str], setting: list[str], pipeline: str) -> dict:
+def bench(data: str | None, extra: list[str], setting: list[str], pipeline: str) -> dict | None:
+    """One configuration's `mauctl bench --json`, or None (its error printed) if it failed."""
     argv = [sys.executable, "-m", "mauctl", "bench", *([data] if data else []), *extra, *setting,
             "--pipeline", pipeline, "--compare-pil", "--json"]
-    done = subprocess.run(argv, capture_output=True, text=True)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr}")
+        print(f"{' '.join(argv)} failed:\n{done.stderr}", file=sys.stderr)
+        return None
     return json.loads(done.stdout)
 
 
@@ -96,12 +98,16 @@ def main() -> None:
         return
     import torch
 
-    reports = [(name, bench(args.data, extra, setting, "tensor"))
-               for name, setting in configurations(torch.cuda.is_available())]
-    text = table(reports)
-    print(text, end="")
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
+    reports = []
+    for name, setting in configurations(torch.cuda.is_available()):
+        report = bench(args.data, extra, setting, "tensor")
+        if report is not None:
+            reports.append((name, report))
+            if args.out:  # after each configuration: a later one that fails or runs out of time loses only itself
+                args.out.write_text(table(reports), encoding="utf-8")
+    if not reports:
+        raise SystemExit("every configuration failed")
+    print(table(reports), end="")
 
 
 if __name__ == "__main__":

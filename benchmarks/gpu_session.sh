@@ -23,10 +23,13 @@ echo "== data"
 [ -d "$W/bench-data/train" ] || $PY benchmarks/bench_matrix.py --make-jpegs "$W/bench-data" "${JPEGS:-2000}"
 echo "== mauctl doctor --smoke ($((SECONDS - T0))s)"
 rm -rf "$W/doctor"
-timeout -k 10 "${DOCTOR_S:-360}" $PY -m mauctl doctor "$W/bench-data" --smoke --work "$W/doctor" --json \
+timeout -k 10 "${DOCTOR_S:-280}" $PY -m mauctl doctor "$W/bench-data" --smoke --work "$W/doctor" --json \
   > "$OUT/doctor.json" 2> >(tee "$OUT/doctor.txt" >&2)
 echo "== doctor exit $? after $((SECONDS - T0))s"
-echo "== bench matrix"
-timeout -k 10 "${BENCH_S:-300}" $PY benchmarks/bench_matrix.py --data "$W/bench-data" --preset v2-b256 \
+echo "== bench matrix ($((SECONDS - T0))s)"
+timeout -k 10 "${BENCH_S:-200}" $PY benchmarks/bench_matrix.py --data "$W/bench-data" --preset v2-b256 \
   --arch "${ARCH:-resnet50}" --image-size "${SIZE:-224}" --steps "${STEPS:-10}" --out "$OUT/bench.md"
 echo "== bench exit $? after $((SECONDS - T0))s"
+echo "== the tests' CUDA cases ($((SECONDS - T0))s)"
+timeout -k 10 "${TESTS_S:-80}" $PY -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_device_step.py tests/test_gpu_decode.py \
+  tests/test_batch_augment.py 2>&1 | tail -n 25
