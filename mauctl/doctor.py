@@ -57,9 +57,11 @@ class Check:
     status: str  # PASS, FAIL or SKIP
     detail: str
     fix: str = ""
+    seconds: float = 0.0
 
     def line(self) -> str:
-        return f"{self.status} {self.name}: {self.detail}" + (f"; {self.fix}" if self.fix else "")
+        took = f" [{self.seconds:.0f} s]" if self.seconds >= 1 else ""
+        return f"{self.status} {self.name}: {self.detail}" + (f"; {self.fix}" if self.fix else "") + took
 
 
 class Doctor:
@@ -70,22 +72,24 @@ class Doctor:
         self.checks: list[Check] = []
         self.facts: dict[str, Any] = {}
 
-    def add(self, name: str, status: str, detail: str, fix: str = "") -> Check:
-        check = Check(name, status, detail, fix)
+    def add(self, name: str, status: str, detail: str, fix: str = "", seconds: float = 0.0) -> Check:
+        check = Check(name, status, detail, fix, round(seconds, 1))
         self.checks.append(check)
         self.echo(check.line())
         return check
 
     def run(self, name: str, fn: Callable[[], tuple[str, str] | tuple[str, str, str]]) -> Check:
-        """``fn`` returns (status, detail[, fix]); an exception is a FAIL that names it."""
+        """``fn`` returns (status, detail[, fix]); an exception is a FAIL that names it. Timed."""
+        start = time.perf_counter()
         try:
-            return self.add(name, *fn())
+            result = fn()
         except MauctlError as exc:
-            return self.add(name, "FAIL", exc.message, exc.hint or "")
+            result = ("FAIL", exc.message, exc.hint or "")
         except Exception as exc:  # a doctor reports every failure and goes on
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            return self.add(name, "FAIL", f"{type(exc).__name__}: {text}"[:400],
-                            "rerun with --debug for the traceback")
+            result = ("FAIL", f"{type(exc).__name__}: {text}"[:400], "rerun with --debug for the traceback")
+        status, detail, fix = (*result, "")[:3]
+        return self.add(name, status, detail, fix, time.perf_counter() - start)
 
     @property
     def failed(self) -> bool:
@@ -402,16 +406,19 @@ def smoke_device(doc: Doctor, folder: Path, plan: Smoke) -> None:
                 "--set", "run.print_freq=1", "--set", "eval.every=0"]
     if doc.run(f"{d} stop", lambda: stop_after_first_epoch(pretrain, run)).status == "PASS":
         doc.run(f"{d} resume", lambda: resume(pretrain, run))
+    # Compiling takes most of a minute per process on CUDA: the pretraining above and the steps in this
+    # process compile, as runs do; the probes and the bench do not, to keep the smoke test short.
+    quick = ["--set", "run.compile=false"]
     if (run / "checkpoints" / "last.pt").is_file():
         probe = ["lincls", str(run), str(data), "--preset", "lincls", "--image-size", str(plan.image_size),
-                 "--batch-size", str(plan.batch_size), "--device", d, "--workers", "2"]
+                 "--batch-size", str(plan.batch_size), "--device", d, "--workers", "2", *quick]
         doc.run(f"{d} probe per-epoch", lambda: lincls([*probe, "--epochs", "1", "--name", "per-epoch"], run,
                                                        "per-epoch"))
         doc.run(f"{d} probe cached", lambda: lincls(
             [*probe, "--epochs", "2", "--name", "cached", "--set", "lincls.cached_features=true",
              "--set", "lincls.augmented_views=2"], run, "cached"))
         doc.run(f"{d} export", lambda: export_and_reload(run, folder / "encoder.safetensors", plan.image_size))
-    doc.run(f"{d} bench", lambda: bench(data, plan))
+    doc.run(f"{d} bench", lambda: bench(data, plan, quick))
     if plan.in_process:
         in_process_step(doc, data, plan)
 
@@ -527,8 +534,8 @@ def export_and_reload(run: Path, out: Path, image_size: int) -> tuple[str, str] 
     return "PASS", f"{out.name} ({_gib(out.stat().st_size)}) reloaded: features {tuple(features.shape)}"
 
 
-def bench(data: Path, plan: Smoke) -> tuple[str, str] | tuple[str, str, str]:
-    argv = ["bench", str(data), *plan.flags(), "--steps", "3", "--json"]
+def bench(data: Path, plan: Smoke, extra: list[str]) -> tuple[str, str] | tuple[str, str, str]:
+    argv = ["bench", str(data), *plan.flags(), *extra, "--steps", "3", "--json"]
     done = subprocess.run(_mauctl(argv), env=_env(), capture_output=True, text=True, timeout=600, check=False)
     if done.returncode:
         return "FAIL", f"exited {done.returncode}: {_tail(done.stdout + done.stderr)}"

@@ -592,7 +592,9 @@ def test_on_a_gpu_the_views_are_the_cpu_views(tmp_path):
     cpu = torch.stack([ba.TensorViews(samples, "v2", 16)[(i, 1)][0] for i in range(len(samples))])
     decoded = encoded.to("cuda")
     assert decoded.device.type == "cuda" and decoded.shape == cpu.shape
-    assert (decoded.cpu().float() - cpu.float()).abs().mean() < 3  # nvJPEG's IDCT is not libjpeg-turbo's
+    # nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: 3.41 levels apart on average on an H200
+    # (2026-11-29) at 16 px; a wrong image or a corrupted buffer is tens of levels apart
+    assert (decoded.cpu().float() - cpu.float()).abs().mean() < 5
 
 
 def test_datasets_and_augment_pickle_for_spawned_workers(tmp_path):
