@@ -37,7 +37,8 @@ def preset_dir() -> Path:
 
 
 def resource_text(name: str) -> str:
-    return resources.files("mauctl").joinpath("resources", name).read_text(encoding="utf-8")
+    # one name per step: before 3.11, a Traversable's joinpath takes one name
+    return (resources.files("mauctl") / "resources" / name).read_text(encoding="utf-8")
 
 
 @cache
