@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsError
 
 from mauctl import presets
+from mauctl.compat import tomllib
 from mauctl.errors import UsageError, did_you_mean
 
 ENV_PREFIX = "MAUCTL_"

@@ -10,7 +10,6 @@ published top-1 of each cell (a ``PublishedCell``) come from
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -21,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from mauctl.compat import tomllib
 from mauctl.errors import UsageError, did_you_mean
 from mauctl.terminal import emphasis_name, emphasised, fits, paragraph
 
@@ -37,7 +37,8 @@ def preset_dir() -> Path:
 
 
 def resource_text(name: str) -> str:
-    return resources.files("mauctl").joinpath("resources", name).read_text(encoding="utf-8")
+    # one name per step: before 3.11, a Traversable's joinpath takes one name
+    return (resources.files("mauctl") / "resources" / name).read_text(encoding="utf-8")
 
 
 @cache

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import statistics
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -32,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mauctl import files, presets
+from mauctl.compat import tomllib
 from mauctl.config import LINCLS_OPTIM, LossConfig, PretrainConfig, loss_name
 from mauctl.data.folder import class_list_digest
 from mauctl.engine.progress import read_metrics

@@ -8,7 +8,6 @@ traceback and write nothing.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from typer.testing import CliRunner
 
 from mauctl import cli
 from mauctl.cli import app
+from mauctl.compat import tomllib
 from mauctl.config import OptimConfig, PretrainConfig, load_config
 from mauctl.errors import UsageError
 from mauctl.moco import bn_splits

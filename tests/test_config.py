@@ -7,11 +7,11 @@ preset > defaults. Every test passes ``environ=`` so the real environment never 
 from __future__ import annotations
 
 import math
-import tomllib
 from pathlib import Path
 
 import pytest
 
+from mauctl.compat import tomllib
 from mauctl.config import (
     LossConfig,
     OptimConfig,

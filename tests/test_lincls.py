@@ -255,11 +255,10 @@ def test_train_and_val_with_different_classes_are_refused(tmp_path):
 
 
 def test_dry_run_prints_the_probe_config_and_writes_nothing(tiny_images, tmp_path, monkeypatch):
-    import tomllib
-
     from typer.testing import CliRunner
 
     from mauctl.cli import app
+    from mauctl.compat import tomllib
 
     moco_checkpoint(tmp_path / "moco.pt")
     monkeypatch.chdir(tmp_path)

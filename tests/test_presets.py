@@ -11,7 +11,6 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from typer.testing import CliRunner
 from conftest import run_mauctl
 from mauctl import cli, presets
 from mauctl.cli import app
+from mauctl.compat import tomllib
 from mauctl.config import LinclsConfig, PretrainConfig, load_config, loss_name
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import re
-import tomllib
 from functools import cache
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from rich.console import Console
 
 from mauctl import presets
 from mauctl.cli import app
+from mauctl.compat import tomllib
 from mauctl.config import PretrainConfig, load_config, to_toml
 from mauctl.report import run_report
 
