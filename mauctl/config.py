@@ -195,6 +195,10 @@ class RunConfig(Section):
     tensorboard: bool = Field(
         False, description="Also log metrics.jsonl's records to TensorBoard (<run>/tensorboard; needs mauctl[tensorboard])."
     )
+    stop_on_collapse: bool = Field(
+        False, description="Pretraining: stop (exit 1, last checkpoint kept) when the embeddings collapse, instead "
+        "of warning and going on.",
+    )
 
     @field_validator("device")
     @classmethod
@@ -637,7 +641,8 @@ def _presets_for(command: str) -> list[str]:
 # Keys that say where or how fast a run ran, not what it computed: left out of the digest.
 NOT_IN_DIGEST = {"data.root", "data.workers", "data.max_bad_fraction", "run.out", "run.print_freq", "run.resume",
                  "run.save_every", "run.save_minutes", "run.device", "run.precision", "run.tensorboard",
-                 "run.compile", "run.channels_last", "data.pipeline", "data.gpu_decode"}
+                 "run.compile", "run.channels_last", "run.stop_on_collapse", "data.pipeline",
+                 "data.gpu_decode"}
 NOT_IN_DIGEST_SECTIONS = {"launch", "eval"}  # how it was launched and watched
 
 

@@ -21,12 +21,14 @@ from mauctl.data.pipeline import TrainData
 from mauctl.diagnostics import Monitor, held_out
 from mauctl.engine import faults
 from mauctl.engine.checkpoint import PRETRAIN_FORMAT, Checkpointer, TrainState
+from mauctl.engine.collapse import Q_STD, CollapseGuard, embedding_std
 from mauctl.engine.loop import GRAD_NORM, StepLog, grad_norm, start_epoch, start_run, stopped
 from mauctl.engine.progress import Reporter, format_values
 from mauctl.engine.rundir import RunDir
 from mauctl.engine.runtime import Runtime, derive_seed, precision_name, resolve_auto, seed_everything
 from mauctl.moco import MoCo, bn_splits, moco_losses, shuffled_keys
 from mauctl.text import plural
+
 
 def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
     """Train; return "finished", or "stopped" when a stop signal arrived (after saving)."""
@@ -44,6 +46,7 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
     steps = StepLog(reporter, state, rt, run_dir, cfg.run.print_freq, cfg.optim.batch_size,
                     BadImages(index.root, len(index.samples), cfg.data.max_bad_fraction, rt))
     diagnostics = Diagnostics(cfg, rt, index, reporter)
+    collapse = CollapseGuard(cfg, reporter, run_dir if rt.is_main else None, len(index.samples), meta.get("preset"))
     try:
         reporter.line(_first_line(cfg, rt, index, training, data, run_dir, resumed_from, state))
         if state.global_step == 0:
@@ -57,9 +60,12 @@ def run(config: PretrainConfig, runtime: Runtime, meta: dict[str, Any]) -> str:
                 shuffle = torch.Generator(rt.device).manual_seed(derive_seed(cfg.run.seed, "shuffle", epoch,
                                                                              state.step_in_epoch))
                 terms = training.step(x_q, x_k, shuffle, state.global_step + 1)
-                # log if due; at a logging step, save if due (the epoch's sums so far go into the checkpoint)
-                if steps.add(terms, skipped) and state.step_in_epoch < data.steps:
-                    checkpoints.save_if_due(state)
+                # log if due; at a logging step, watch for collapse, then save if due (the epoch's sums so far
+                # go into the checkpoint)
+                if steps.add(terms, skipped):
+                    collapse.check(steps.values, state)
+                    if state.step_in_epoch < data.steps:
+                        checkpoints.save_if_due(state)
                 # stop if asked (the same answer on every rank); at the epoch's last step, after its end
                 signum = rt.agreed_stop()
                 if signum and state.step_in_epoch < data.steps:
@@ -166,6 +172,7 @@ class Training:
             k = shuffled_keys(self.encoder_k, x_k, rt, shuffle)
         q = rt.with_own_rows(q_local)
         terms = moco_losses(q, k, model.queue.keys, cfg.loss)
+        terms[Q_STD] = embedding_std(q)  # the collapse guard's statistic (engine/collapse.py)
 
         self.optimizer.zero_grad(set_to_none=True)
         # Each rank holds the same global loss; DDP averages gradients over ranks: scale back up.

@@ -46,7 +46,8 @@ MARKDOWN_MARKER = f"<!-- {TITLE} -->"
 CSV_FIELDS_1 = ["kind", "table", "row", "loss", "published", "label", "reproduced_mean", "reproduced_std", "n",
                 "diff", "best", "run", "probe", "best_top1", "top5", "reasons"]  # before the diagnostics
 DIAGNOSTICS = ("align_metric", "unif_metric", "knn_top1")  # the pretraining run's last `eval` record
-CSV_FIELDS = CSV_FIELDS_1 + list(DIAGNOSTICS)
+RUN_DIAGNOSTICS = (*DIAGNOSTICS, "collapsed_epoch")  # and the epoch of its collapse warning, if any
+CSV_FIELDS = CSV_FIELDS_1 + list(RUN_DIAGNOSTICS)
 AUG_LABELS = {"v1": "Normal", "v2": "Strong Aug. + MLP Head + Cosine LR"}
 OFF = "†"  # marks a cell that has runs listed under "Not in the table", and those runs
 
@@ -104,6 +105,13 @@ class Entry:
     manifest: dict[str, Any] = field(default_factory=dict)
     status: dict[str, Any] = field(default_factory=dict)
     diagnostics: dict[str, Any] = field(default_factory=dict)  # the run's last `eval` record in metrics.jsonl
+    collapse: dict[str, Any] = field(default_factory=dict)  # its first collapse warning there, if any
+
+    @property
+    def collapsed_epoch(self) -> int | None:
+        """The epoch (1-based, as the progress line shows it) in which the run collapsed, None if it did not."""
+        epoch = self.collapse.get("epoch")
+        return epoch + 1 if isinstance(epoch, int) else None
 
     @property
     def probe(self) -> str:
@@ -206,13 +214,11 @@ def _read_entry(results_path: Path, run: Path | None, notes: list[str]) -> Entry
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             notes.append(f"cannot read {_shown_path(run / 'config.toml')}: {exc}.")
     config = pretrain.get("config") or run_config
-    diagnostics = _last_eval(run / "metrics.jsonl") if run is not None else {}
-    return Entry(results_path, results, run, config, manifest, status, diagnostics)
-
-
-def _last_eval(path: Path) -> dict[str, Any]:
-    evals = [r for r in read_metrics(path) if r.get("kind") == "eval"]
-    return evals[-1] if evals else {}
+    records = read_metrics(run / "metrics.jsonl") if run is not None else []
+    evals = [r for r in records if r.get("kind") == "eval"]
+    collapses = [r for r in records if r.get("kind") == "warning" and r.get("what") == "collapse"]
+    return Entry(results_path, results, run, config, manifest, status, evals[-1] if evals else {},
+                 collapses[0] if collapses else {})
 
 
 def _read_json(path: Path, notes: list[str], missing_ok: bool = False) -> dict[str, Any] | None:
@@ -579,8 +585,11 @@ def not_in_table_row(entry: Entry, key: CellKey, reasons: list[str], report: Rep
 def diagnostics_row(entry: Entry) -> list[str]:
     d = entry.diagnostics
     epochs = d.get("epochs_done")
+    after = "-" if epochs is None else str(epochs)
+    if entry.collapsed_epoch is not None:
+        after += f" (collapsed at epoch {entry.collapsed_epoch})"
     return [entry.label, loss_label(entry), entry.probe, _pct(entry.best_top1), _metric(d.get("align_metric")),
-            _metric(d.get("unif_metric")), _pct(_number(d.get("knn_top1"))), "-" if epochs is None else str(epochs)]
+            _metric(d.get("unif_metric")), _pct(_number(d.get("knn_top1"))), after]
 
 
 def _metric(value: Any) -> str:
@@ -723,11 +732,14 @@ def _diagnostics_table(report: Report) -> Table:
 
 
 def _diagnostics_line(entry: Entry) -> str:
+    collapsed = "" if entry.collapsed_epoch is None else f"; collapsed at epoch {entry.collapsed_epoch}"
     if not entry.diagnostics:
-        return "no eval records in its metrics.jsonl"
-    _, _, _, _, align, unif, knn, epochs = diagnostics_row(entry)
-    epochs_done = f"after {epochs} epoch" + ("" if epochs == "1" else "s")
-    return f"align {align}, uniform {unif}, kNN top-1 {knn}, {epochs_done}"
+        return "no eval records in its metrics.jsonl" + collapsed
+    d = entry.diagnostics
+    epochs = d.get("epochs_done")
+    epochs_done = f"after {epochs} epoch" + ("" if epochs == 1 else "s")
+    return (f"align {_metric(d.get('align_metric'))}, uniform {_metric(d.get('unif_metric'))}, "
+            f"kNN top-1 {_pct(_number(d.get('knn_top1')))}, {epochs_done}{collapsed}")
 
 
 def render_rich_text(report: Report, width: int = 200) -> str:
@@ -748,7 +760,7 @@ def report_data(report: Report) -> dict[str, Any]:
         return {"run": e.label, "probe": e.probe, "best_top1": e.best_top1, "top5": e.top5,
                 "results": _shown_path(e.results_path),
                 **{name: _number(e.diagnostics.get(name)) for name in DIAGNOSTICS},
-                "diagnostics_epoch": e.diagnostics.get("epochs_done")}
+                "diagnostics_epoch": e.diagnostics.get("epochs_done"), "collapsed_epoch": e.collapsed_epoch}
 
     tables = []
     for table, rows in report.tables.items():
@@ -799,15 +811,15 @@ def render_csv(report: Report) -> str:
                 for e in c["entries"]:
                     writer.writerow({"kind": "entry", **base, "run": e["run"], "probe": e["probe"],
                                      "best_top1": e["best_top1"], "top5": e["top5"],
-                                     **{k: e[k] for k in DIAGNOSTICS}})
+                                     **{k: e[k] for k in RUN_DIAGNOSTICS}})
     for e in data["not_in_table"]:
         writer.writerow({"kind": "not-in-table", **{k: e[k] for k in ("table", "row", "loss", "published", "run",
-                                                                        "probe", "best_top1", "top5", *DIAGNOSTICS)},
+                                                                        "probe", "best_top1", "top5", *RUN_DIAGNOSTICS)},
                          "reasons": "; ".join(e["reasons"])})
     for e in data["other_runs"]:
         writer.writerow({"kind": "other", "loss": e["loss"], "run": e["run"], "probe": e["probe"],
                          "best_top1": e["best_top1"], "top5": e["top5"], "reasons": "; ".join(e["reasons"]),
-                         **{k: e[k] for k in DIAGNOSTICS}})
+                         **{k: e[k] for k in RUN_DIAGNOSTICS}})
     return buffer.getvalue()
 
 

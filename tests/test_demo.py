@@ -31,6 +31,8 @@ def test_demo_runs_the_whole_chain_and_the_pretrained_encoder_beats_random_init(
     epochs = [json.loads(line) for line in (runs / "demo" / "metrics.jsonl").read_text().splitlines()]
     last_epoch = [r for r in epochs if r.get("kind") == "epoch"][-1]
     assert last_epoch["unif"] < -2.0  # no collapse: a collapsed encoder has L_uniform = 0
+    assert not [r for r in epochs if r.get("kind") == "warning"] and "WARNING" not in result.stdout  # nor a warning
+    assert min(r["q_std"] for r in epochs if r.get("kind") == "step") > 0.3 / 128**0.5  # 3x the guard's threshold
     evals = [r for r in epochs if r.get("kind") == "eval"]
     assert [r["epochs_done"] for r in evals] == [0, 10]  # before training and after the last epoch
     first, last = evals[0], evals[-1]

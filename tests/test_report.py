@@ -559,3 +559,31 @@ def test_a_missing_path_is_a_usage_error(tmp_path, monkeypatch):
 def test_an_unknown_format_is_a_usage_error(runs):
     result = invoke("runs", "--format", "html")
     assert result.exit_code == 2 and "html" in result.output
+
+
+def test_a_run_that_collapsed_is_marked_in_the_diagnostics_of_every_format(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = make_run(tmp_path / "runs", "small", preset="v2-b128", loss="align3-unif3", sets=("optim.batch_size=16",))
+    add_probe(run, 22.0)
+    add_evals(run, (0.5, -1.0, 54.0), (4.6e-4, -9.9e-4, 22.0))
+    warning = {"kind": "warning", "what": "collapse", "epoch": 1, "step": 30, "step_in_epoch": 20, "q_std": 0.001}
+    with (run / "metrics.jsonl").open("a") as f:  # after the line a kill cut short: a later start's record
+        f.write("\n" + json.dumps(warning) + "\n" + json.dumps({**warning, "epoch": 5}) + "\n")
+    healthy = make_run(tmp_path / "runs", "healthy", preset="v2-b128", loss="align3-unif3")
+    add_probe(healthy, 70.0)
+
+    markdown = invoke("runs", "--format", "markdown").stdout
+    assert ("| runs/small | align3-unif3 | lincls | 22.00 | 0.0005 | -0.0010 | 22.00 | 1 (collapsed at epoch 2) |"
+            in markdown)
+    assert "| runs/healthy | align3-unif3 | lincls | 70.00 | - | - | - | - |" in markdown
+    assert "runs/small" in rich_report(200, "runs") and "1 (collapsed at epoch 2)" in rich_report(200, "runs")
+    narrow = " ".join(rich_report(80, "runs").split())
+    assert ("runs/small (align3-unif3), probe lincls: top-1 22.00 align 0.0005, uniform -0.0010, kNN top-1 "
+            "22.00, after 1 epoch; collapsed at epoch 2") in narrow
+    assert "no eval records in its metrics.jsonl runs/" in narrow  # the healthy run: no mark
+    data = json.loads(invoke("runs", "--format", "json").stdout)
+    entries = [e for t in data["tables"] for r in t["rows"] for c in r["cells"] for e in c["entries"]]
+    assert {e["run"]: e["collapsed_epoch"] for e in entries + data["other_runs"]} == {
+        "runs/small": 2, "runs/healthy": None}
+    rows = list(csv.DictReader(io.StringIO(invoke("runs", "--format", "csv").stdout)))
+    assert {r["run"]: r["collapsed_epoch"] for r in rows if r["run"]} == {"runs/small": "2", "runs/healthy": ""}

@@ -90,6 +90,7 @@ class StepLog:
         self.images_per_step, self.bad = images_per_step, bad
         self.steps, self.lr = 0, 0.0
         self.interval = Interval()
+        self.values: dict[str, float] = {}  # the last logging step's means, for the caller's checks
 
     def start_epoch(self, steps: int, first: int, lr: float) -> None:
         """The epoch ``state.epoch`` (entered by ``start_epoch`` above), ``steps`` long, from step ``first``."""
@@ -113,7 +114,7 @@ class StepLog:
         epoch, step = state.epoch, state.step_in_epoch
         if step % self.print_freq and step != self.steps:
             return False
-        values = self.interval.read()
+        values = self.values = self.interval.read()
         check_finite(values, epoch, step, self.run)
         bad = {}
         if self.bad is not None:

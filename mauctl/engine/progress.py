@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Column
+from rich.text import Text
 
 
 class MetricsLog:
@@ -170,6 +171,14 @@ class Reporter:
             right += "  " + (values if len(values) <= room else values[: room - 1] + "…")
         self._progress.update(self._task, completed=done, right=right)
         self._progress.refresh()
+
+    def warn(self, text: str, record: dict[str, Any]) -> None:
+        """A line that stands out (bold red on a terminal; above the bar, which goes on) and its record."""
+        if not self.enabled:
+            return
+        # the style on the Text, not on print(): print's style would also colour the bar it redraws
+        self.console.print(Text(text, style="bold red"), highlight=False, crop=False)
+        self.record(record)
 
     def record(self, record: dict[str, Any]) -> None:
         """Write a record to metrics.jsonl only (no line)."""
