@@ -138,6 +138,11 @@ class LossConfig(Section):
         True,
         description="Uniformity also over query pairs within the batch (Eq. 18); false = queue only (Eq. 17).",
     )
+    unif_groups: Literal["bn", "global"] = Field(
+        "bn",
+        description="How L_uniform groups the queries: bn = one log-mean-exp per BatchNorm group (a GPU of the "
+        "original), averaged over the groups, as the original; global = one over the whole global batch.",
+    )
 
     @model_validator(mode="after")
     def _some_weight(self) -> LossConfig:
@@ -562,7 +567,7 @@ def loss_name(loss: LossConfig) -> str | None:
 
 def _same_loss(a: LossConfig, b: LossConfig) -> bool:
     """Equal where it matters: a zero-weight term's own parameters do not change the loss."""
-    if a.unif_w > 0 and a.intra_batch != b.intra_batch:
+    if a.unif_w > 0 and (a.intra_batch != b.intra_batch or a.unif_groups != b.unif_groups):
         return False
     for weight, param in (("contr_w", "contr_tau"), ("align_w", "align_alpha"), ("unif_w", "unif_t")):
         if getattr(a, weight) != getattr(b, weight):
@@ -645,14 +650,35 @@ NOT_IN_DIGEST = {"data.root", "data.workers", "data.max_bad_fraction", "run.out"
                  "data.gpu_decode"}
 NOT_IN_DIGEST_SECTIONS = {"launch", "eval"}  # how it was launched and watched
 
+# Keys added after runs were first saved, with what a saved config without them computed.
+ADDED_KEYS = {"loss.unif_groups": "global"}  # before it, L_uniform was one log-mean-exp over the global batch
+
+
+def saved_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config that mauctl saved (a run's config.toml, a checkpoint's), with the values of the keys it
+    was saved without (ADDED_KEYS): an older run reads as what it computed."""
+    out = {section: dict(values) if isinstance(values, Mapping) else values for section, values in data.items()}
+    for dotted, value in ADDED_KEYS.items():
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict):  # a lincls config has no [loss]
+            out[section].setdefault(key, value)
+    return out
+
 
 def config_digest(config: BaseModel | Mapping[str, Any]) -> str:
-    """sha256 of what a config computes (sections and keys sorted; paths, speed and launch left out)."""
+    """sha256 of what a config computes (sections and keys sorted; paths, speed and launch left out).
+
+    An added key at the value its absence meant is left out too: a saved config keeps the digest it had.
+    """
     import hashlib
 
     data = config.model_dump() if isinstance(config, BaseModel) else config
     kept = {
-        section: {k: v for k, v in values.items() if f"{section}.{k}" not in NOT_IN_DIGEST}
+        section: {k: v for k, v in values.items() if _in_digest(f"{section}.{k}", v)}
         for section, values in data.items() if section not in NOT_IN_DIGEST_SECTIONS
     }
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def _in_digest(dotted: str, value: Any) -> bool:
+    return dotted not in NOT_IN_DIGEST and not (dotted in ADDED_KEYS and value == ADDED_KEYS[dotted])

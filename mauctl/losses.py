@@ -5,10 +5,12 @@ Wang & Isola (ICML 2020), MoCo variant:
 * ``align_loss``: mean over positive pairs of ||q - k||^alpha.
 * ``uniform_loss``: log of the mean over negative pairs of exp(-t ||u - v||^2). The negatives
   are (each query, each key of the queue) -- Eq. 17 -- and, with ``intra_batch``, every
-  unordered pair of distinct queries of the batch -- Eq. 18.
+  unordered pair of distinct queries of the batch -- Eq. 18. Taken per group of queries and
+  averaged over the groups: the original takes it per GPU.
 * ``contrastive_loss``: MoCo's InfoNCE, cross-entropy of [q.k, q.queue] / tau, positive first.
 
-Everything is computed in float32, also when the inputs come from an autocast region.
+Everything is computed in float32, also when the inputs come from an autocast region (float64
+inputs stay float64: the reference tests).
 No torch.distributed here: gathering the global batch and the queue is the caller's job.
 """
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x.float()
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def align_loss(q: torch.Tensor, k: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
@@ -34,26 +36,37 @@ def align_loss(q: torch.Tensor, k: torch.Tensor, alpha: float = 2.0) -> torch.Te
 
 
 def uniform_loss(
-    q: torch.Tensor, keys: torch.Tensor | None = None, t: float = 2.0, intra_batch: bool = True
+    q: torch.Tensor, keys: torch.Tensor | None = None, t: float = 2.0, intra_batch: bool = True, groups: int = 1
 ) -> torch.Tensor:
-    """log mean exp(-t * squared distance), in log-sum-exp form so it never takes log(0)."""
+    """The mean over ``groups`` groups of queries of log mean exp(-t * squared distance) over the group's pairs.
+
+    The groups are contiguous equal blocks of rows of ``q``. A group's pairs are its queries with
+    every key and, with ``intra_batch``, its pairs of distinct queries: one group is what the
+    original computes on one GPU, and DDP's gradient averaging optimises the mean over GPUs.
+    ``groups=1`` is one log-mean-exp over all of ``q``. In log-sum-exp form: it never takes log(0).
+    """
     with torch.autocast(q.device.type, enabled=False):
         q = _f32(q)
+        if q.shape[0] % groups:
+            raise ValueError(f"{q.shape[0]} queries do not split into {groups} equal groups")
+        per_group = q.shape[0] // groups
         parts = []
         if keys is not None and keys.numel():
-            parts.append(sq_dist_unit(q, _f32(keys)).flatten())
-        if intra_batch and q.shape[0] > 1:
-            i, j = torch.triu_indices(q.shape[0], q.shape[0], offset=1, device=q.device)
-            parts.append(sq_dist_unit(q, q)[i, j])
+            parts.append(sq_dist_unit(q, _f32(keys)).reshape(groups, -1))  # a group's rows are contiguous
+        if intra_batch and per_group > 1:
+            by_group = q.reshape(groups, per_group, -1)
+            i, j = torch.triu_indices(per_group, per_group, offset=1, device=q.device)
+            parts.append(sq_dist_unit(by_group, by_group)[:, i, j])
         if not parts:
-            raise ValueError("uniform_loss needs keys or at least two queries (with intra_batch)")
-        sq = torch.cat(parts)
-        return torch.logsumexp(-t * sq, dim=0) - math.log(sq.numel())
+            raise ValueError("uniform_loss needs keys or at least two queries in each group (with intra_batch)")
+        sq = torch.cat(parts, dim=1)
+        return (torch.logsumexp(-t * sq, dim=1) - math.log(sq.shape[1])).mean()
 
 
 def sq_dist_unit(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared distances between the unit rows of ``a`` and ``b``: ||a - b||^2 = 2 - 2 a.b, rounding below 0 clamped."""
-    return (2.0 - 2.0 * a @ b.T).clamp_min(0.0)
+    """Squared distances between the unit rows of ``a`` and ``b`` (batched over leading dimensions):
+    ||a - b||^2 = 2 - 2 a.b, rounding below 0 clamped."""
+    return (2.0 - 2.0 * a @ b.mT).clamp_min(0.0)
 
 
 def contrastive_loss(

@@ -1,8 +1,10 @@
 """MoCo: a query encoder, its momentum copy for the keys, a queue of past keys, shuffled BatchNorm.
 
 The losses (``mauctl.losses``) are computed here on the *global* batch: every rank gathers all
-queries and keys, so one process and N processes compute the same loss (Eq. 18's intra-batch
-pairs included), and the result does not depend on how the batch was split over GPUs.
+queries and keys and computes the same loss. L_uniform is taken per BatchNorm group, as the
+original takes it per GPU (``loss.unif_groups``): the gathered queries are ordered (rank, group
+within the rank), so one process with G groups and G processes with one group each compute the
+same loss, the original's on G GPUs.
 
 Shuffle BN: the key encoder sees the global batch in a random order, cut into the same
 contiguous BatchNorm groups as the query encoder (``bn_splits`` per process, over all ranks),
@@ -103,8 +105,13 @@ def shuffled_keys(
     return k_shuffled[torch.argsort(perm)]
 
 
-def moco_losses(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
-    """The weighted total and each active term (float32 tensors; no host sync)."""
+def moco_losses(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, cfg: LossConfig,
+                bn_groups: int) -> dict[str, torch.Tensor]:
+    """The weighted total and each active term (float32 tensors; no host sync).
+
+    ``bn_groups``: the BatchNorm groups of the global batch ``q``, all ranks together, in row order;
+    with ``loss.unif_groups = "bn"`` L_uniform is their mean, else one over the whole batch.
+    """
     out: dict[str, torch.Tensor] = {}
     total = q.new_zeros((), dtype=torch.float32)
     if cfg.contr_w:
@@ -116,6 +123,7 @@ def moco_losses(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, cfg: Loss
         out["align"] = align_loss(q, k, cfg.align_alpha)
         total = total + cfg.align_w * out["align"]
     if cfg.unif_w:
-        out["unif"] = uniform_loss(q, queue, cfg.unif_t, cfg.intra_batch)
+        groups = bn_groups if cfg.unif_groups == "bn" else 1
+        out["unif"] = uniform_loss(q, queue, cfg.unif_t, cfg.intra_batch, groups)
         total = total + cfg.unif_w * out["unif"]
     return {"loss": total, **out}

@@ -21,7 +21,7 @@ import torch
 from mauctl import __version__, files
 from mauctl.backbone import build_encoder, check_encoder
 from mauctl.config import (DataConfig, LaunchConfig, LinclsConfig, PretrainConfig, Resolved, load_config,
-                           loss_name, read_toml, to_toml)
+                           loss_name, read_toml, saved_config, to_toml)
 from mauctl.data.folder import FolderIndex, check_splits, data_root, scan_split, scan_split_if_present
 from mauctl.engine.checkpoint import LINCLS_FORMAT, PRETRAIN_FORMAT
 from mauctl.engine.rundir import MIN_FREE_BYTES, RunDir, check_before_launch, check_writable, config_differences
@@ -152,7 +152,7 @@ def _check_run_dir(config: PretrainConfig | LinclsConfig, overwrite: bool, need_
         overwrite, resume = False, "auto"
     differences = []
     if run.config.is_file():
-        previous = read_toml(run.config)
+        previous = saved_config(read_toml(run.config))  # a run saved before a key existed: what it computed
         differences = config_differences(previous, config.model_dump())
     action = check_before_launch(run, resume, overwrite, differences)
     check_writable(run.path, need_bytes)

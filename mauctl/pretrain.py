@@ -170,12 +170,14 @@ class Training:
         with torch.no_grad():
             model.momentum_update(cfg.model.key_momentum)
             k = shuffled_keys(self.encoder_k, x_k, rt, shuffle)
-        q = rt.with_own_rows(q_local)
-        terms = moco_losses(q, k, model.queue.keys, cfg.loss)
+        q = rt.with_own_rows(q_local)  # rows in rank order, each rank's in its BN groups' order
+        terms = moco_losses(q, k, model.queue.keys, cfg.loss, bn_groups=self.splits * rt.world_size)
         terms[Q_STD] = embedding_std(q)  # the collapse guard's statistic (engine/collapse.py)
 
         self.optimizer.zero_grad(set_to_none=True)
-        # Each rank holds the same global loss; DDP averages gradients over ranks: scale back up.
+        # Each rank holds the same global loss; DDP averages gradients over ranks: scale back up. (L_uniform,
+        # a mean over all ranks' groups, then reaches each rank's rows as the mean over its own groups,
+        # and DDP's average is the mean over all groups: the original's average over GPUs.)
         self.scaler.scale(terms["loss"] * rt.world_size).backward()
         if not self.scaler.is_enabled():  # (fp16 overflows are the scaler's: it skips that step)
             terms[GRAD_NORM] = grad_norm(model.encoder_q.parameters())  # checked before any save

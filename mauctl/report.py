@@ -32,7 +32,7 @@ from rich.text import Text
 
 from mauctl import files, presets
 from mauctl.compat import tomllib
-from mauctl.config import LINCLS_OPTIM, LossConfig, PretrainConfig, loss_name
+from mauctl.config import LINCLS_OPTIM, LossConfig, PretrainConfig, loss_name, saved_config
 from mauctl.data.folder import class_list_digest
 from mauctl.engine.progress import read_metrics
 from mauctl.errors import UsageError
@@ -214,6 +214,7 @@ def _read_entry(results_path: Path, run: Path | None, notes: list[str]) -> Entry
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             notes.append(f"cannot read {_shown_path(run / 'config.toml')}: {exc}.")
     config = pretrain.get("config") or run_config
+    config = saved_config(config) if isinstance(config, dict) else None
     records = read_metrics(run / "metrics.jsonl") if run is not None else []
     evals = [r for r in records if r.get("kind") == "eval"]
     collapses = [r for r in records if r.get("kind") == "warning" and r.get("what") == "collapse"]
@@ -306,10 +307,13 @@ def _loss_of(config: dict[str, Any]) -> tuple[str | None, list[str]]:
     name = loss_name(loss)
     if name is not None:
         return name, []
-    if not loss.intra_batch:
-        near = loss_name(loss.model_copy(update={"intra_batch": True}))
-        if near is not None:
-            return near, ["uniformity over the queue only (Eq. 17); the table uses Eq. 18"]
+    # a published column but for how L_uniform was taken: its cell, and how it departs from it
+    published = {"intra_batch": (True, "uniformity over the queue only (Eq. 17); the table uses Eq. 18"),
+                 "unif_groups": ("bn", "uniformity over the global batch at once; the table's is per GPU")}
+    departs = {key: want for key, (want, _) in published.items() if getattr(loss, key) != want}
+    near = loss_name(loss.model_copy(update=departs)) if departs else None
+    if near is not None:
+        return near, [published[key][1] for key in departs]
     return None, ["loss matches no published column"]
 
 

@@ -16,10 +16,12 @@ from mauctl.config import (
     LossConfig,
     OptimConfig,
     PretrainConfig,
+    config_digest,
     load_config,
     loss_name,
     parse_set,
     read_toml,
+    saved_config,
     to_toml,
 )
 from mauctl.engine.schedule import describe_schedule, lr_at
@@ -372,6 +374,36 @@ def test_loss_name_is_none_for_queue_only_uniformity():
 def test_loss_name_ignores_parameters_of_zero_weight_terms():
     contrastive = load(loss="contr-t0.2", sets=["loss.unif_t=5", "loss.intra_batch=false"]).loss
     assert loss_name(contrastive) == "contr-t0.2"
+
+
+def test_every_preset_and_loss_takes_uniformity_per_bn_group_as_the_original_per_gpu():
+    for preset in PRETRAIN_PRESETS:
+        for loss in LOSSES:
+            assert load(preset=preset, loss=loss).loss.unif_groups == "bn", (preset, loss)
+
+
+def test_uniformity_over_the_global_batch_is_no_published_loss_and_has_its_own_digest():
+    per_group = load(preset="v2-b256", loss="align3-unif3")
+    global_form = load(preset="v2-b256", loss="align3-unif3", sets=["loss.unif_groups='global'"])
+    assert loss_name(global_form.loss) is None
+    assert config_digest(global_form) != config_digest(per_group)
+    # a contrastive loss takes no uniformity: how it would be taken does not matter
+    assert loss_name(load(loss="contr-t0.2", sets=["loss.unif_groups='global'"]).loss) == "contr-t0.2"
+
+
+def test_a_config_saved_without_unif_groups_reads_as_the_global_form_it_computed(tmp_path):
+    """A run of a mauctl from before the key: one log-mean-exp over the global batch."""
+    config = load(preset="v2-b256", loss="align3-unif3")
+    text = to_toml(config)
+    assert 'unif_groups = "bn"' in text
+    old = read_toml(write(tmp_path / "config.toml", text.replace('unif_groups = "bn"\n', "")))
+    assert "unif_groups" not in old["loss"]
+    read = saved_config(old)
+    assert PretrainConfig.model_validate(read).loss.unif_groups == "global"
+    # its digest is the one it had, which is the explicit global form's and not the per-group one's
+    global_form = load(preset="v2-b256", loss="align3-unif3", sets=["loss.unif_groups='global'"])
+    assert config_digest(old) == config_digest(read) == config_digest(global_form) != config_digest(config)
+    assert saved_config({"lincls": {"epochs": 100}}) == {"lincls": {"epochs": 100}}  # no [loss]: nothing to add
 
 
 # ---------------------------------------------------------------- learning-rate schedule

@@ -122,11 +122,11 @@ def test_shuffled_keys_come_back_in_the_original_order():
 def test_moco_losses_weights_each_active_term():
     q, k, queue = (F.normalize(torch.randn(n, 8), dim=1) for n in (4, 4, 16))
     cfg = LossConfig(contr_w=0.5, align_w=2.0, unif_w=1.0, unif_t=3.0)
-    out = moco_losses(q, k, queue, cfg)
+    out = moco_losses(q, k, queue, cfg, bn_groups=2)
     assert out["loss"].item() == pytest.approx(
         0.5 * out["contr"].item() + 2.0 * out["align"].item() + out["unif"].item(), abs=1e-5)
     assert {"acc1", "acc5"} <= set(out)
-    only_align = moco_losses(q, k, queue, LossConfig(align_w=1.0, unif_w=0.0))
+    only_align = moco_losses(q, k, queue, LossConfig(align_w=1.0, unif_w=0.0), bn_groups=2)
     assert set(only_align) == {"align", "loss"}
 
 
@@ -160,14 +160,16 @@ def _one_step(rt: Runtime, x_q: torch.Tensor, x_k: torch.Tensor, bn_splits: int)
     with torch.no_grad():
         k = shuffled_keys(moco.encoder_k, x_k[mine], rt, torch.Generator().manual_seed(7))
     q = rt.with_own_rows(q_local)
-    terms = moco_losses(q, k, moco.queue.keys, LossConfig(contr_w=1.0, align_w=3.0, unif_w=1.0))
+    terms = moco_losses(q, k, moco.queue.keys, LossConfig(contr_w=1.0, align_w=3.0, unif_w=1.0),
+                        bn_groups=bn_splits * rt.world_size)
     (terms["loss"] * rt.world_size).backward()
     grads = {n: p.grad.clone() for n, p in moco.encoder_q.named_parameters()}
     return grads, terms["loss"].item()
 
 
 def test_two_processes_compute_the_loss_and_gradient_of_one_process_with_two_bn_groups(tmp_path):
-    """Global-batch losses + shuffle BN across ranks == one process whose BatchNorm has the ranks' groups."""
+    """Global-batch losses (L_uniform per group) + shuffle BN across ranks == one process whose BatchNorm has the
+    ranks' groups."""
     torch.manual_seed(1)
     x_q, x_k = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
     mp.spawn(_grads_in_group, args=(2, _free_port(), x_q, x_k, str(tmp_path)), nprocs=2, join=True)

@@ -70,6 +70,21 @@ def test_a_different_config_in_the_same_directory_is_refused_but_more_epochs_res
     assert last(run)["epoch"] == 2 and last(run)["global_step"] == 6
 
 
+def test_a_run_from_before_unif_groups_resumes_only_as_the_global_form_it_computed(tiny_images, finished_run, tmp_path):
+    """An older mauctl wrote no loss.unif_groups: its run took L_uniform over the global batch. The per-group
+    default does not continue it silently; asking for the global form does."""
+    run = copy_run(finished_run, tmp_path / "run")
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace('unif_groups = "bn"\n', ""))
+    changed = run_mauctl("pretrain", str(tiny_images), *TINY, "--epochs", "2", "--out", str(run), cwd=tmp_path)
+    assert changed.returncode == 2
+    assert "loss.unif_groups was 'global', now 'bn'" in changed.stderr
+    same = run_mauctl("pretrain", str(tiny_images), *TINY, "--epochs", "2", "--set", "loss.unif_groups=global",
+                      "--out", str(run), cwd=tmp_path)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "resuming from" in same.stdout and last(run)["epoch"] == 2
+
+
 def test_resume_path_continues_from_another_runs_checkpoint(tiny_images, finished_run, tmp_path):
     result = run_mauctl("pretrain", str(tiny_images), *TINY, "--epochs", "2", "--out", str(tmp_path / "run2"),
                         "--resume", str(finished_run / "checkpoints" / "last.pt"), cwd=tmp_path)

@@ -417,6 +417,27 @@ def test_every_difference_from_the_protocol_is_a_reason(tmp_path, monkeypatch):
     ]
 
 
+def test_uniformity_over_the_global_batch_is_listed_apart_from_the_per_gpu_cells(tmp_path, monkeypatch):
+    """The table's L_uniform is per GPU. A run that took it over the global batch at once, by choice or because
+    an older mauctl wrote its config (no loss.unif_groups), is listed apart; a contrastive one is not concerned."""
+    monkeypatch.chdir(tmp_path)
+    add_probe(make_run(tmp_path / "runs", "chosen", preset="v2-b256", loss="align3-unif3",
+                       sets=("loss.unif_groups='global'",)), 65.0)
+    for name, loss in (("old", "align3-unif3"), ("old-contrastive", "contr-t0.2")):
+        run = make_run(tmp_path / "runs", name, preset="v2-b256", loss=loss)
+        config = run / "config.toml"
+        config.write_text(config.read_text().replace('unif_groups = "bn"\n', ""))
+        add_probe(run, 66.0)
+    add_probe(make_run(tmp_path / "runs", "per-gpu", preset="v2-b256", loss="align3-unif3"), 67.0)
+    data = json.loads(invoke("runs", "--format", "json").stdout)
+    apart = {e["run"]: (e["row"], e["loss"], e["reasons"]) for e in data["not_in_table"]}
+    reason = ["uniformity over the global batch at once; the table's is per GPU"]
+    assert apart == {"runs/chosen": ("v2-b256", "align3-unif3", reason),
+                     "runs/old": ("v2-b256", "align3-unif3", reason)}
+    in_cells = sorted(e["run"] for t in data["tables"] for r in t["rows"] for c in r["cells"] for e in c["entries"])
+    assert in_cells == ["runs/old-contrastive", "runs/per-gpu"]
+
+
 def test_a_custom_loss_and_an_external_checkpoint_are_other_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     custom = make_run(tmp_path / "runs", "custom", preset="v2-b256", loss="align3-unif3", sets=("loss.unif_t=5.0",))
