@@ -4,8 +4,9 @@
 #
 #     OUT=/tmp/gpu-out bash benchmarks/gpu_session.sh      # $OUT gets doctor.txt, doctor.json, bench.md, log.txt
 #
-# On a machine whose Python lacks mauctl's dependencies, put their wheels in .whl/ (see
-# docs/performance.md); they are installed into /tmp/site first.
+# On a machine whose Python has torch but lacks mauctl's other dependencies (pydantic, pydantic-settings,
+# typer, rich, ...), put their wheels in .whl/ (`pip download --no-deps --python-version 3.12
+# --only-binary=:all: -d .whl NAME==VERSION ...`; .whl/ is git-ignored): they are installed into /tmp/site first.
 set -u
 OUT=${OUT:-/tmp/gpu-out}; W=${W:-/tmp/mauctl-session}; PY=${PY:-python3}
 mkdir -p "$OUT" "$W"
