@@ -21,7 +21,7 @@ from mauctl.data.pipeline import TrainData
 from mauctl.diagnostics import Monitor, held_out
 from mauctl.engine import faults
 from mauctl.engine.checkpoint import PRETRAIN_FORMAT, Checkpointer, TrainState
-from mauctl.engine.collapse import Q_STD, CollapseGuard, embedding_std
+from mauctl.collapse import Q_STD, CollapseGuard, embedding_std
 from mauctl.engine.loop import GRAD_NORM, StepLog, grad_norm, start_epoch, start_run, stopped
 from mauctl.engine.progress import Reporter, format_values
 from mauctl.engine.rundir import RunDir
@@ -172,7 +172,7 @@ class Training:
             k = shuffled_keys(self.encoder_k, x_k, rt, shuffle)
         q = rt.with_own_rows(q_local)  # rows in rank order, each rank's in its BN groups' order
         terms = moco_losses(q, k, model.queue.keys, cfg.loss, bn_groups=self.splits * rt.world_size)
-        terms[Q_STD] = embedding_std(q)  # the collapse guard's statistic (engine/collapse.py)
+        terms[Q_STD] = embedding_std(q)  # the collapse guard's statistic (collapse.py)
 
         self.optimizer.zero_grad(set_to_none=True)
         # Each rank holds the same global loss; DDP averages gradients over ranks: scale back up. (L_uniform,

@@ -14,7 +14,7 @@ from rich.console import Console
 from conftest import TINY, run_mauctl
 from mauctl.config import config_digest, load_config
 from mauctl.engine.checkpoint import TrainState
-from mauctl.engine.collapse import CollapseDetector, CollapseGuard, embedding_std, likely_causes
+from mauctl.collapse import CollapseDetector, CollapseGuard, embedding_std, likely_causes
 from mauctl.engine.progress import MetricsLog, Reporter
 from mauctl.engine.rundir import RunDir
 from mauctl.errors import RunError
