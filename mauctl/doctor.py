@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,9 @@ def report(doc: Doctor, cfg: PretrainConfig, data: Path | None) -> None:
     doc.run("versions", versions)
     doc.run("gpu", lambda: gpus(doc.facts))
     doc.run("cpu", lambda: cpu(doc.facts))
-    device = _device_type(cfg)
+    from mauctl.launch import device_type
+
+    device = device_type(cfg.run)
     processes = _processes(cfg, device)
     pipeline = _pipeline(cfg, device)
     workers = _workers(cfg, processes)
@@ -330,12 +332,6 @@ def decode_rate(train: Any, workers: int, max_bad: float) -> tuple[str, str] | t
     return "PASS", detail + f" (a run skips them, up to data.max_bad_fraction = {max_bad})"
 
 
-def _device_type(cfg: PretrainConfig) -> str:
-    if cfg.run.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.run.device.partition(":")[0]
-
-
 def _processes(cfg: PretrainConfig, device: str) -> int:
     if cfg.launch.nproc_per_node != "auto":
         return int(cfg.launch.nproc_per_node)
@@ -548,14 +544,10 @@ class Steps:
     """Training steps on a loader's batches, epoch after epoch, numbered on."""
 
     def __init__(self, training: Any, train: Any) -> None:
-        self.training, self.train, self.count = training, train, 0
-        self.batches = self._endless()
+        from mauctl.bench import forever
 
-    def _endless(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
-        epoch = 0
-        while True:
-            yield from self.train.batches(epoch)
-            epoch += 1
+        self.training, self.train, self.count = training, train, 0
+        self.batches = forever(train.batches)
 
     def __call__(self, n: int = 1) -> dict[str, torch.Tensor]:
         for _ in range(n):
