@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,13 @@ def tiny_images(tmp_path_factory) -> Path:
     write_image_folder(root, per_class=16)
     write_image_folder(root, per_class=4, split="val", seed=1)
     return root
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a test's own process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def mauctl_env(**extra: str) -> dict[str, str]:

@@ -10,7 +10,6 @@ else is mocked: the 2-process test runs real gloo processes.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import TINY, run_mauctl
+from conftest import TINY, free_port, run_mauctl
 from host_watch import HostDataWatch
 from mauctl.config import LaunchConfig, OptimConfig, RunConfig, load_config
 from mauctl.data.folder import scan_split
@@ -123,12 +122,6 @@ def test_with_channels_last_every_conv_and_batchnorm_of_a_step_sees_channels_las
     assert nchw == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_in_group(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -158,7 +151,7 @@ class NCHWWatch(TorchDispatchMode):
 
 def test_gather_rows_keeps_channels_last_in_two_gloo_processes(tmp_path):
     """The gathered batch is channels_last, and no NCHW copy of it was made on the way."""
-    mp.spawn(_gather_in_group, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gather_in_group, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["x"].is_contiguous(memory_format=torch.channels_last)

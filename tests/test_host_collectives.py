@@ -10,7 +10,6 @@ given (recorded, then run as it is: nothing is mocked).
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from mauctl.config import PretrainConfig
 from mauctl.data.loader import BadImages
 from mauctl.engine.checkpoint import PRETRAIN_FORMAT, Checkpointer, TrainState
@@ -26,12 +26,6 @@ from mauctl.engine.runtime import Runtime
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list",
                "gather_object", "scatter_object_list", "reduce", "barrier")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _host_exchanges(rank: int, world: int, port: int, root: str) -> None:
@@ -67,7 +61,7 @@ def _host_exchanges(rank: int, world: int, port: int, root: str) -> None:
 
 @pytest.mark.slow  # two spawned processes: about 25 s on 2 busy cores
 def test_stop_flags_bad_images_and_checkpoint_news_go_over_the_host_group_on_the_cpu(tmp_path):
-    mp.spawn(_host_exchanges, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_host_exchanges, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         seen = torch.load(tmp_path / f"rank{rank}.pt")
         assert seen["bad"] == 2  # both ranks' bad images

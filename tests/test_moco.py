@@ -2,7 +2,6 @@
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import free_port
 from mauctl.backbone import SplitBatchNorm2d, build_encoder, split_batchnorm
 from mauctl.config import LossConfig, ModelConfig
 from mauctl.engine.runtime import Runtime
@@ -133,12 +133,6 @@ def test_moco_losses_weights_each_active_term():
 # ---------------------------------------------------------------- two real processes, gloo
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _grads_in_group(rank: int, world: int, port: int, x_q: torch.Tensor, x_k: torch.Tensor, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -172,7 +166,7 @@ def test_two_processes_compute_the_loss_and_gradient_of_one_process_with_two_bn_
     ranks' groups."""
     torch.manual_seed(1)
     x_q, x_k = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
-    mp.spawn(_grads_in_group, args=(2, _free_port(), x_q, x_k, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_grads_in_group, args=(2, free_port(), x_q, x_k, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single_grads, single_loss = _one_step(single_runtime(), x_q, x_k, bn_splits=2)
     assert ranks[0]["loss"] == pytest.approx(single_loss, abs=1e-5)

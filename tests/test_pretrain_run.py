@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, run_mauctl, start_mauctl
+from conftest import TINY, free_port, run_mauctl, start_mauctl
 
 pytestmark = pytest.mark.slow
 
@@ -71,15 +70,9 @@ def test_two_processes_train_and_fill_the_run_directory(tiny_images, tmp_path):
     assert (out / "checkpoints" / "epoch_0001.pt").exists() and (out / "checkpoints" / "epoch_0002.pt").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_torchrun_agents_as_two_nodes_complete_a_run(tiny_images, tmp_path):
     out = tmp_path / "run"
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     common = ["pretrain", str(tiny_images), *TINY, "--epochs", "1", "--out", str(out), "--nnodes", "2",
               "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
     nodes = [start_mauctl(*common, "--node-rank", str(rank), cwd=tmp_path) for rank in (0, 1)]

@@ -12,7 +12,6 @@ itself, which the normalisation removes.
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import free_port
 from mauctl.config import LossConfig, load_config
 from mauctl.engine.runtime import Runtime
 from mauctl.moco import moco_losses
@@ -110,12 +110,6 @@ def test_a_training_step_takes_one_uniformity_group_per_bn_group():
 # ---------------------------------------------------------------- real gloo processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_step(rank: int, world: int, splits: int, port: int, intra_batch: bool, out_dir: str) -> None:
     """One rank: its own rows of the global queries, the losses as Training.step computes them."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -136,7 +130,7 @@ def _rank_step(rank: int, world: int, splits: int, port: int, intra_batch: bool,
 def test_gloo_processes_compute_the_original_on_four_gpus(tmp_path, world, splits):
     """Every rank holds the mean over all groups; the gradient reaching its rows, once DDP has averaged, is the
     reference's. Groups are ordered (rank, BatchNorm group within the rank)."""
-    mp.spawn(_rank_step, args=(world, splits, _free_port(), True, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_rank_step, args=(world, splits, free_port(), True, str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     z, _, queue = inputs()
     want, want_grad = reference(z, queue, 3.0, True)
