@@ -347,15 +347,7 @@ def _pipeline(cfg: PretrainConfig, device: str) -> str:
 def _workers(cfg: PretrainConfig, processes: int) -> int:
     from mauctl.data.loader import worker_count
 
-    before = os.environ.get("LOCAL_WORLD_SIZE")
-    os.environ["LOCAL_WORLD_SIZE"] = str(processes)  # what torchrun will tell each worker
-    try:
-        return worker_count(cfg.data.workers)
-    finally:
-        if before is None:
-            del os.environ["LOCAL_WORLD_SIZE"]
-        else:
-            os.environ["LOCAL_WORLD_SIZE"] = before
+    return worker_count(cfg.data.workers, processes)  # what each of the node's processes will start
 
 
 # ---------------------------------------------------------------- the smoke test

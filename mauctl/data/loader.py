@@ -242,16 +242,17 @@ def _ignore_stop_signals(worker_id: int) -> None:
 AUTO_WORKERS_MAX = 8
 
 
-def worker_count(workers: int | str) -> int:
+def worker_count(workers: int | str, processes: int | None = None) -> int:
     """data.workers, with "auto" = this process's share of the CPU cores it may run on, 1 to AUTO_WORKERS_MAX.
 
-    The share counts the processes torchrun started on this node (LOCAL_WORLD_SIZE): on 2 cores, one
+    The share counts ``processes``, by default those torchrun started on this node (LOCAL_WORLD_SIZE): on 2 cores, one
     training process gets 2 workers, two get 1 each (more only compete for the cores, and torch warns).
     """
     if workers != "auto":
         return int(workers)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if processes is None:  # the processes torchrun started on this node
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, min(AUTO_WORKERS_MAX, cores // max(processes, 1)))
 
 
