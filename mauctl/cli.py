@@ -482,6 +482,98 @@ def doctor(
         raise typer.Exit(1)
 
 
+# ---------------------------------------------------------------- sweep
+
+
+@command
+def sweep(
+    data: Annotated[Optional[Path], typer.Argument(
+        metavar="DATA", show_default=False,
+        help="Image folder with train/ and val/ that every cell trains and probes on (--dry-run may leave it "
+             "out).")] = None,
+    presets: Annotated[Optional[str], typer.Option(
+        metavar="P1,P2", show_default=False,
+        help="Pretraining presets, comma-separated (default: the 6 rows of the ImageNet-100 table).")] = None,
+    losses: Annotated[Optional[str], typer.Option(
+        metavar="L1,L2", show_default=False, help="Loss columns, comma-separated (default: all 5).")] = None,
+    seeds: Annotated[Optional[str], typer.Option(
+        metavar="S1,S2", show_default=False, help="Seeds, e.g. 0,1,2 or 0-4 (default: 0).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Folder of the cells' runs and the "
+                                          "plan file sweep.json.")] = Path("runs"),
+    executor: Annotated[str, typer.Option(
+        metavar="local|slurm", help="local: the cells one after another on this machine; slurm: a job "
+                                    "array, a task per cell.")] = "local",
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", metavar="", help="List the cells, their directories, commands and steps; run nothing.")] = False,
+    bench_file: Annotated[Optional[Path], typer.Option(
+        "--bench", metavar="FILE.json", show_default=False,
+        help="With --dry-run: estimate GPU-hours from this `mauctl bench --json` result.")] = None,
+    sets: Sets = None,
+    probe_sets: Annotated[Optional[list[str]], typer.Option(
+        "--probe-set", metavar="KEY=VALUE", help="Override a key of every cell's probe config (repeatable).")]
+    = None,
+    probe_preset: Annotated[Optional[str], typer.Option(
+        metavar="NAME", show_default=False,
+        help="Probe preset (default: the table's published protocol: lincls, or lincls-in1k for ImageNet).")]
+    = None,
+    nodes: Annotated[int, typer.Option(metavar="N", help="Nodes per cell (slurm).")] = 1,
+    gpus_per_node: Annotated[Optional[int], typer.Option(
+        metavar="N", show_default=False,
+        help="GPUs per node of a cell, 0 for the CPU (default: local: every visible GPU; slurm: 4).")] = None,
+    cpus_per_task: Annotated[Optional[int], typer.Option(
+        metavar="N", show_default=False, help="CPUs per task (slurm; default: 8 per GPU, at least 2).")] = None,
+    time_limit: Annotated[str, typer.Option(
+        "--time", metavar="H:MM:SS", help="Time limit per task (slurm): each stop at it saves and requeues.")]
+    = "24:00:00",
+    partition: Annotated[Optional[str], typer.Option(metavar="NAME", show_default=False,
+                                                     help="SLURM partition.")] = None,
+    account: Annotated[Optional[str], typer.Option(metavar="NAME", show_default=False,
+                                                   help="SLURM account.")] = None,
+    max_parallel: Annotated[Optional[int], typer.Option(
+        metavar="N", show_default=False, help="Cells running at once (local default 1; slurm: the array's "
+                                              "limit, default none).")] = None,
+    sbatch_args: Annotated[Optional[list[str]], typer.Option(
+        "--sbatch", metavar="KEY=VALUE",
+        help="Any other sbatch option, e.g. --sbatch qos=high --sbatch constraint=a100 (repeatable).")] = None,
+    max_requeues: Annotated[int, typer.Option(
+        metavar="N", help="Time limits a task may reach (saving and requeuing each time) before it is "
+                          "stopped for good (slurm).")] = 20,
+) -> None:
+    """Run or submit many table cells at once: each pretrains, then probes; idempotent (a plan in --out)."""
+    import sys
+
+    from mauctl.sweep import Resources, SweepRequest, parse_list, parse_seeds, parse_time, run_sweep
+
+    resources = Resources(executor=executor, nodes=nodes, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
+                          time_min=parse_time(time_limit), partition=partition, account=account,
+                          max_parallel=max_parallel, sbatch=_sbatch_args(sbatch_args or []),
+                          max_requeues=max_requeues)
+    request = SweepRequest(data=data, presets=parse_list(presets, "--presets"), losses=parse_list(losses, "--losses"),
+                           seeds=parse_seeds(seeds), out=out_dir, sets=sets or [], probe_sets=probe_sets or [],
+                           probe_preset=probe_preset, resources=resources, dry_run=dry_run, bench=bench_file,
+                           argv=sys.argv)
+    if bench_file is not None and not dry_run:
+        from mauctl.errors import UsageError
+
+        raise UsageError("--bench is for --dry-run (it estimates the GPU-hours of the cells)")
+    code = run_sweep(request, lambda line: out.print(line, markup=False, highlight=False))
+    if code == EXIT_STOPPED:
+        err.print(f"stopped; run the same mauctl sweep to go on (exit status {EXIT_STOPPED})", highlight=False)
+    raise typer.Exit(code)
+
+
+def _sbatch_args(items: list[str]) -> dict[str, Any]:
+    from mauctl.errors import UsageError
+
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.removeprefix("--").partition("=")
+        if not key:
+            raise UsageError(f"--sbatch {item!r}: expected an sbatch option as KEY=VALUE (or KEY for a flag)")
+        parsed[key] = value if eq else True
+    return parsed
+
+
 # ---------------------------------------------------------------- demo
 
 

@@ -94,7 +94,7 @@ def _visible_gpus() -> int:
 # ---------------------------------------------------------------- starting the workers through torchrun
 
 JOB_ENV = "MAUCTL_JOB"
-STOP_SIGNAL_NAMES = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+STOP_SIGNAL_NAMES = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 STOP_GRACE_S = 90  # SLURM's --signal=USR1@120 leaves two minutes
 
 
@@ -107,7 +107,7 @@ def torchrun_argv(plan: Plan, launch: LaunchConfig, rdzv_id: str) -> list[str]:
     else:
         argv += [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
                  f"--rdzv-id={rdzv_id}"]
-    if _torchrun_accepts(f"--signals-to-handle={STOP_SIGNAL_NAMES}"):  # newer torchrun: forward SIGUSR1 as is
+    if _torchrun_accepts(f"--signals-to-handle={STOP_SIGNAL_NAMES}"):  # newer torchrun: forward SIGUSR1/2 as they are
         argv.append(f"--signals-to-handle={STOP_SIGNAL_NAMES}")
     return argv + ["--module", "mauctl.worker"]
 
@@ -146,8 +146,9 @@ def start_workers(job: dict, plan: Plan, launch: LaunchConfig) -> None:
     # With the rendezvous store shared (torch >= 2.5's default), workers restarted by --max-restarts
     # can read the previous round's addresses and fail to connect; a store per round cannot.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    # Older torch handles no SIGUSR1 in the agent: turn it into the SIGTERM it does handle.
-    signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    # Older torch handles no SIGUSR1/2 in the agent: turn them into the SIGTERM it does handle.
+    for stop in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(stop, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
     quiet_torchrun()
     try:
         run(parse_args(torchrun_argv(plan, launch, rdzv_id(job["config"]["run"]["out"]))))

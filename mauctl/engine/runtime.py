@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from mauctl.errors import RunError, UsageError
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# SIGUSR2: what submitit asks SLURM to send before a time limit (`mauctl sweep --executor slurm`)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
 @dataclass
@@ -150,7 +151,7 @@ def dense(x: torch.Tensor) -> torch.Tensor:
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 / SIGINT (what SLURM and Ctrl-C send): finish the step, save, exit."""
+    """Set by SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT (what SLURM and Ctrl-C send): finish the step, save, exit."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
