@@ -175,6 +175,7 @@ def test_every_cell_shows_its_state_and_job_once_and_the_loose_run_after_them(sq
     assert asked == [["4242_1", "4242_2", "4242_3", "4242_4"]]  # once; not about the finished cell's job
     rows = {r.name: r for r in status.rows}
     assert [r.name for r in status.rows] == [*EXPECTED, "runs/extra"]  # plan order; cells not again as loose runs
+    assert [r.name for r in collect([squeue_on_path / "sweep.json"]).rows] == [*EXPECTED, "runs/extra"]
     assert {n: (rows[n].state, rows[n].job) for n in EXPECTED} == EXPECTED
     finished = rows["v2-b256_align3-unif3"]
     assert finished.top1 == {"lincls": results(real_run)["best_top1"]}
