@@ -361,6 +361,28 @@ def report(
     run_report(paths or [], fmt=fmt, out_file=out_file, plot=plot, console=out, err_console=err)
 
 
+# ---------------------------------------------------------------- status
+
+
+@command
+def status(
+    paths: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="RUNS_OR_SWEEP", show_default=False,
+        help="Run directories, sweep folders (with sweep.json), or folders to scan for them (default: runs/).")]
+    = None,
+    fmt: Annotated[str, typer.Option("--format", help="rich (a table that fits 80 columns), json or markdown.")]
+    = "rich",
+    watch: Annotated[bool, typer.Option(
+        "--watch", metavar="", help="Show it again every --interval seconds (in a pipe: when it changed) until "
+                                    "every row is finished or failed, or Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(metavar="SECONDS", help="How often --watch looks.")] = 10.0,
+) -> None:
+    """Where every run and sweep cell stands: state and SLURM job, epoch, img/s, ETA, loss, probe top-1."""
+    from mauctl.status import run_status
+
+    run_status(paths or [], fmt=fmt, watch=watch, interval=interval, console=out)
+
+
 # ---------------------------------------------------------------- export
 
 

@@ -131,11 +131,11 @@ class Entry:
         absolute, else the folder the results lie in. A relative stored path is relative to wherever
         the probe ran (the demo's folder, say), which says nothing about where the report runs."""
         if self.run is not None:
-            return _shown_path(self.run)
+            return shown_path(self.run)
         checkpoint = (self.results.get("pretrain") or {}).get("path")
         if checkpoint and Path(checkpoint).is_absolute():
-            return _shown_path(Path(checkpoint))
-        return _shown_path(self.results_path.parent)
+            return shown_path(Path(checkpoint))
+        return shown_path(self.results_path.parent)
 
 
 def collect(paths: Sequence[Path], notes: list[str] | None = None) -> list[Entry]:
@@ -146,7 +146,7 @@ def collect(paths: Sequence[Path], notes: list[str] | None = None) -> list[Entry
     for path in paths:
         if path.is_file():
             loose.append(path)
-        elif _is_run(path):
+        elif is_run(path):
             runs.append(path)
         else:
             _scan(path, runs, loose)
@@ -159,7 +159,7 @@ def collect(paths: Sequence[Path], notes: list[str] | None = None) -> list[Entry
             if entry is not None:
                 entries.setdefault(results_path.resolve(), entry)
         if not found:
-            unprobed.append(_shown_path(run))
+            unprobed.append(shown_path(run))
     for results_path in loose:
         entry = _read_entry(results_path, None, notes)
         if entry is not None:
@@ -170,7 +170,7 @@ def collect(paths: Sequence[Path], notes: list[str] | None = None) -> list[Entry
     return sorted(entries.values(), key=lambda e: (e.label, e.probe, str(e.results_path)))
 
 
-def _is_run(path: Path) -> bool:
+def is_run(path: Path) -> bool:
     """A pretraining run directory. A probe's own folder has the same files, with command "lincls"."""
     if not ((path / "config.toml").is_file() and (path / "manifest.json").is_file()):
         return False
@@ -184,7 +184,7 @@ def _is_run(path: Path) -> bool:
 def _scan(root: Path, runs: list[Path], loose: list[Path]) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        if _is_run(here):
+        if is_run(here):
             runs.append(here)  # its probes are under lincls/
             dirnames[:] = []
             continue
@@ -195,24 +195,24 @@ def _scan(root: Path, runs: list[Path], loose: list[Path]) -> None:
 
 
 def _read_entry(results_path: Path, run: Path | None, notes: list[str]) -> Entry | None:
-    results = _read_json(results_path, notes)
+    results = read_json(results_path, notes)
     if results is None:
         return None
     if not str(results.get("format", "")).startswith(RESULTS_FORMAT):
         if run is not None:
-            notes.append(f"skipped {_shown_path(results_path)}: not a mauctl linear-probe results file.")
+            notes.append(f"skipped {shown_path(results_path)}: not a mauctl linear-probe results file.")
         return None
     pretrain = results.get("pretrain") or {}
-    if run is None and pretrain.get("run_dir") and _is_run(Path(pretrain["run_dir"])):
+    if run is None and pretrain.get("run_dir") and is_run(Path(pretrain["run_dir"])):
         run = Path(pretrain["run_dir"])
     manifest, status, run_config = {}, {}, None
     if run is not None:
-        manifest = _read_json(run / "manifest.json", notes) or {}
-        status = _read_json(run / "status.json", notes, missing_ok=True) or {}
+        manifest = read_json(run / "manifest.json", notes) or {}
+        status = read_json(run / "status.json", notes, missing_ok=True) or {}
         try:
             run_config = tomllib.loads((run / "config.toml").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            notes.append(f"cannot read {_shown_path(run / 'config.toml')}: {exc}.")
+            notes.append(f"cannot read {shown_path(run / 'config.toml')}: {exc}.")
     config = pretrain.get("config") or run_config
     config = saved_config(config) if isinstance(config, dict) else None
     records = read_metrics(run / "metrics.jsonl") if run is not None else []
@@ -222,15 +222,15 @@ def _read_entry(results_path: Path, run: Path | None, notes: list[str]) -> Entry
                  collapses[0] if collapses else {})
 
 
-def _read_json(path: Path, notes: list[str], missing_ok: bool = False) -> dict[str, Any] | None:
+def read_json(path: Path, notes: list[str], missing_ok: bool = False) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         if not missing_ok:
-            notes.append(f"skipped {_shown_path(path)}: no such file.")
+            notes.append(f"skipped {shown_path(path)}: no such file.")
         return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        notes.append(f"skipped {_shown_path(path)}: not readable JSON ({exc.__class__.__name__}).")
+        notes.append(f"skipped {shown_path(path)}: not readable JSON ({exc.__class__.__name__}).")
         return None
     return data if isinstance(data, dict) else None
 
@@ -420,7 +420,7 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _shown_path(path: Path) -> str:
+def shown_path(path: Path) -> str:
     """Relative to the working directory when under it (shorter, and the same on every machine)."""
     absolute = Path(os.path.abspath(path))
     try:
@@ -762,7 +762,7 @@ def report_data(report: Report) -> dict[str, Any]:
 
     def entry_data(e: Entry) -> dict[str, Any]:
         return {"run": e.label, "probe": e.probe, "best_top1": e.best_top1, "top5": e.top5,
-                "results": _shown_path(e.results_path),
+                "results": shown_path(e.results_path),
                 **{name: _number(e.diagnostics.get(name)) for name in DIAGNOSTICS},
                 "diagnostics_epoch": e.diagnostics.get("epochs_done"), "collapsed_epoch": e.collapsed_epoch}
 

@@ -4,9 +4,9 @@ The suite runs on Python 3.11 with torch. A torch wheel for 3.10 is a download o
 the local wheel cache does not hold, so the 3.10 check installs mauctl without torch: its other
 dependencies, then mauctl itself from this source tree with ``pip install --no-deps``. It then runs
 what needs no torch: ``import mauctl.config``, every preset loaded, ``mauctl --help`` and each
-command's ``--help``, ``mauctl presets``, ``mauctl report`` on an empty folder. Those paths import
-no torch; the first test checks that on this interpreter, where torch is installed and an import
-of it would otherwise go unnoticed.
+command's ``--help``, ``mauctl presets``, ``mauctl report`` and ``mauctl status`` (a login node's
+command) on an empty folder. Those paths import no torch; the first test checks that on this
+interpreter, where torch is installed and an import of it would otherwise go unnoticed.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ import typer
 loaded = [p.name for p in presets.all_presets()]
 commands = sorted(typer.main.get_command(cli.app).commands)
 codes = {}
-for argv in [["--help"], ["--version"], ["presets"], ["report", "."]] + [[c, "--help"] for c in commands]:
+for argv in [["--help"], ["--version"], ["presets"], ["report", "."], ["status", "."]] + [[c, "--help"]
+                                                                                 for c in commands]:
     sys.argv = ["mauctl", *argv]
     try:
         cli.main()
@@ -87,7 +88,7 @@ def assert_all_ran(seen: dict) -> None:
 def test_help_presets_and_report_import_no_torch(tmp_path):
     seen = probe(sys.executable, tmp_path, mauctl_env(PYTHONPATH=str(REPO)))
     assert_all_ran(seen)
-    assert seen["heavy"] == [], f"`mauctl --help`, `presets` or `report` imported {seen['heavy']}"
+    assert seen["heavy"] == [], f"`mauctl --help`, `presets`, `report` or `status` imported {seen['heavy']}"
 
 
 def python310() -> tuple[str | None, str]:
