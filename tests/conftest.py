@@ -29,6 +29,22 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 16, size=(
 
 
 @pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A private one-node SLURM for the session (tests/slurm_cluster.py), SLURM_CONF set meanwhile.
+
+    Skipped where slurm-wlm and munge are missing or we are not root (.ci/run installs them).
+    """
+    from slurm_cluster import SlurmCluster, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_images(tmp_path_factory) -> Path:
     """3 classes x 16 JPEGs of 40x48 in train/ and 3 x 4 in val/, written once per session."""
     root = tmp_path_factory.mktemp("tiny_images")
