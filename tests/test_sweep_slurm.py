@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_mauctl
-from mauctl.plan import read_plan
 from test_sweep import TINY_CELL, TWO_CELLS, epochs_in
+
+from mauctl.plan import read_plan
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +26,9 @@ SLURM_CELL = [*TINY_CELL, "--executor", "slurm", "--cpus-per-task", "1", "--time
 
 
 def job_log(out: Path, job_id: str) -> str:
+    """The task's log (submitit's, with the mauctl commands' output)."""
     logs = sorted((out / ".submitit").rglob(f"{job_id}_0_log.out"))
-    return logs[0].read_text(errors="replace")[-4000:] if logs else "(no log yet)"
+    return logs[0].read_text(errors="replace") if logs else "(no log yet)"
 
 
 def test_a_slurm_sweep_requeues_a_signalled_task_finishes_both_cells_and_submits_nothing_twice(
@@ -57,12 +58,14 @@ def test_a_slurm_sweep_requeues_a_signalled_task_finishes_both_cells_and_submits
     try:
         slurm_cluster.wait_for(done, 600, "both tasks to end")
     finally:
-        print(job_log(out, signalled))
+        print(job_log(out, signalled)[-6000:])
     stopped_then = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     resumes = [r for r in stopped_then if r.get("kind") == "resume"]
     assert len(resumes) == 1, job_log(out, signalled)
     assert epochs_in(run) == list(range(8))
-    assert "USR2" in job_log(out, signalled)
+    log = job_log(out, signalled)
+    assert "Caught signal SIGUSR2" in log and "pretrain stopped by SIGUSR2" in log  # submitit, then mauctl
+    assert f"Requeued job {signalled}" in log and f"resuming from {run}/checkpoints/last.pt" in log
     assert slurm_cluster.job_field(signalled, "Restarts") == "1"
     for cell in plan.cells.values():
         results = json.loads((Path(cell.probe) / "results.json").read_text())
