@@ -419,10 +419,10 @@ def submit_slurm(plan: Plan, cells: list[Cell], resources: Resources) -> dict[st
     try:
         with executor.batch():
             jobs = [executor.submit(CellTask(c.id, c.commands, nodes=resources.nodes)) for c in cells]
-    except (submitit.core.utils.FailedJobError, OSError, subprocess.CalledProcessError) as exc:
+    except (submitit.core.utils.FailedJobError, OSError, subprocess.CalledProcessError, RuntimeError) as exc:
         raise RunError(f"sbatch refused the job array: {str(exc).strip().splitlines()[-1]}",
-                       hint="Check --partition, --account, --time and --sbatch against the cluster's limits "
-                            "(sinfo, sacctmgr).") from None
+                       hint="Check that this machine can submit (sinfo), and --partition, --account, --time and "
+                            "--sbatch against the cluster's limits.") from None
     ids = {}
     for cell, job in zip(cells, jobs):
         ids[cell.id] = job.job_id
@@ -461,6 +461,13 @@ def check_request(req: SweepRequest) -> tuple[list[Any], list[str], int | None, 
                          hint="On one machine, cells use its GPUs (--gpus-per-node).")
     if r.executor == "local" and req.resources.partition:
         raise UsageError("--partition is for --executor slurm")
+    if r.executor == "slurm" and not req.dry_run:
+        import shutil
+
+        missing = [tool for tool in ("sbatch", "srun", "squeue", "scontrol") if shutil.which(tool) is None]
+        if missing:
+            raise UsageError(f"--executor slurm: {', '.join(missing)} not found on the PATH",
+                             hint="Run mauctl sweep on a SLURM login node, or use --executor local.")
     presets = check_presets(req.presets or default_presets())
     losses = check_losses(req.losses or list(loss_columns()))
     if req.probe_preset is not None and load_preset(req.probe_preset).command != "lincls":

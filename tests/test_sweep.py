@@ -168,3 +168,11 @@ def test_an_unfinished_cell_with_another_config_in_its_directory_is_refused(tmp_
     assert f"cell v2-b256_contr-t0.2: {run} holds a run with a different configuration" in done.stderr
     assert "optim.lr was 0.5, now 0.03" in done.stderr
     assert not (out / "sweep.json").exists()
+
+
+def test_the_slurm_executor_where_slurm_is_missing_says_so_before_anything_is_written(tmp_path, tiny_images):
+    done = run_mauctl("sweep", str(tiny_images), *TWO_CELLS, "--executor", "slurm", "--out", "runs", cwd=tmp_path,
+                      PATH="/nonexistent")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--executor slurm: sbatch, srun, squeue, scontrol not found on the PATH" in done.stderr
+    assert not (tmp_path / "runs").exists()
