@@ -317,20 +317,20 @@ def run_local(plan: Plan, cells: list[Cell], resources: Resources, say: Callable
     if slots > 1:
         logs.mkdir(exist_ok=True)
     stop = {"signal": None}
-    running: dict[str, tuple[CellTask, subprocess.Popen | None]] = {}
+    running: dict[str, CellTask] = {}
 
     def forward(signum: int, _frame: Any) -> None:
         stop["signal"] = signum
         if signum == signal.SIGINT:
             return  # Ctrl-C reached every process of the terminal's group, the cells' too: sending it again
             # would make their workers quit without saving
-        for task, _ in running.values():
+        for task in running.values():
             if task._child is not None and task._child.poll() is None:
                 task._child.send_signal(signum)
 
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
     previous = {s: signal.signal(s, forward) for s in handled}
-    failed, queue, free_gpus = [], list(cells), list(gpu_sets)
+    failed, stopped, queue, free_gpus = [], [], list(cells), list(gpu_sets)
     try:
         import threading
 
@@ -354,7 +354,7 @@ def run_local(plan: Plan, cells: list[Cell], resources: Resources, say: Callable
                 task = CellTask(cell.id, cell.commands, log=str(logs / f"{cell.id}.log") if slots > 1 else None,
                                 env=env)
                 say(f"sweep: cell {cell.id} started" + (f" (log {task.log})" if task.log else ""))
-                running[cell.id] = (task, None)
+                running[cell.id] = task
                 threads[cell.id] = threading.Thread(target=run_one, args=(task, gpus), daemon=True)
                 threads[cell.id].start()
             for ident, thread in list(threads.items()):
@@ -367,19 +367,19 @@ def run_local(plan: Plan, cells: list[Cell], resources: Resources, say: Callable
                         say(f"sweep: cell {ident} failed: {outcome}")
                     else:
                         say(f"sweep: cell {ident} {outcome}")
+                        if outcome == "stopped":
+                            stopped.append(ident)
             if stop["signal"] is not None and not threads:
                 break
             time.sleep(0.2)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if stop["signal"] is not None:
-        return EXIT_STOPPED
     if failed:
         raise RunError(f"{plural(len(failed), 'cell')} failed: {', '.join(failed)}",
                        hint="Fix the cause, then run the same mauctl sweep again: finished cells are skipped and "
                             "the others resume.")
-    return 0
+    return EXIT_STOPPED if stop["signal"] is not None or stopped else 0
 
 
 def _gpu_sets(slots: int, gpus: int | None) -> list[str]:
