@@ -459,8 +459,11 @@ def check_request(req: SweepRequest) -> tuple[list[Any], list[str], int | None, 
     if r.nodes > 1 and r.executor != "slurm":
         raise UsageError("--nodes > 1 needs --executor slurm",
                          hint="On one machine, cells use its GPUs (--gpus-per-node).")
-    if r.executor == "local" and req.resources.partition:
-        raise UsageError("--partition is for --executor slurm")
+    given = [flag for flag, value in (("--partition", r.partition), ("--account", r.account), ("--sbatch", r.sbatch),
+                                      ("--cpus-per-task", r.cpus_per_task)) if value]
+    if r.executor == "local" and given:
+        raise UsageError(f"{', '.join(given)}: only for --executor slurm",
+                         hint="Add --executor slurm to submit the cells as a job array.")
     if r.executor == "slurm" and not req.dry_run:
         import shutil
 

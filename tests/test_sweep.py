@@ -70,6 +70,7 @@ def test_a_dry_run_with_a_bench_result_estimates_gpu_hours(tmp_path):
     (["--time", "soon", "--dry-run"], "--time 'soon'"),
     (["--seeds", "3-1", "--dry-run"], "--seeds '3-1'"),
     (["--executor", "pbs", "--dry-run"], "--executor 'pbs': expected local or slurm"),
+    (["--partition", "gpu", "--sbatch", "qos=high", "--dry-run"], "--partition, --sbatch: only for --executor slurm"),
     (["--bench", "b.json"], "--bench is for --dry-run"),
 ])
 def test_a_mistake_exits_2_before_anything_runs(tmp_path, args, message):
