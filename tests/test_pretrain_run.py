@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -120,6 +122,45 @@ def test_a_stop_signal_mid_epoch_saves_a_checkpoint_and_the_same_command_finishe
     assert again.returncode == 0, again.stdout + again.stderr
     # per-sample seeding: the resumed run draws exactly what the uninterrupted one drew
     assert_same_state(load_ckpt(straight / "checkpoints/last.pt"), load_ckpt(stopped / "checkpoints/last.pt"))
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, through /proc (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def test_sigusr2_to_every_process_of_a_run_with_loader_workers_saves_and_stops_it(tiny_images, tmp_path):
+    """As SLURM signals every process of a task before its time limit (submitit asks for SIGUSR2): the
+    launcher, the worker and its data-loader processes all get it, and none may die of it."""
+    out = tmp_path / "run"
+    proc = start_mauctl("pretrain", str(tiny_images), *TINY, "--workers", "2", "--epochs", "20",
+                        "--set", "eval.every=0", "--out", str(out), cwd=tmp_path)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not records(out, "epoch"):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.05)
+    processes = descendants(proc.pid)
+    assert len(processes) >= 4  # launcher, worker, 2 loader workers
+    for pid in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR2)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, output
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "stopped" and status["signal"] == "SIGUSR2"
+    assert "Traceback" not in output and "killed by signal" not in output, output
 
 
 def test_a_bf16_run_resumes_in_fp16_and_then_in_bf16_again(tiny_images, tmp_path):
