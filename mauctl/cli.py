@@ -574,10 +574,6 @@ def sweep(
                            seeds=parse_seeds(seeds), out=out_dir, sets=sets or [], probe_sets=probe_sets or [],
                            probe_preset=probe_preset, resources=resources, dry_run=dry_run, bench=bench_file,
                            argv=sys.argv)
-    if bench_file is not None and not dry_run:
-        from mauctl.errors import UsageError
-
-        raise UsageError("--bench is for --dry-run (it estimates the GPU-hours of the cells)")
     code = run_sweep(request, lambda line: out.print(line, markup=False, highlight=False))
     if code == EXIT_STOPPED:
         err.print(f"stopped; run the same mauctl sweep to go on (exit status {EXIT_STOPPED})", highlight=False)

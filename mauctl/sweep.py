@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mauctl import plan as planfile
-from mauctl.config import config_digest, load_config, read_toml, saved_config
+from mauctl.config import config_digest, load_config, saved_config
 from mauctl.engine.rundir import RunDir, config_differences
 from mauctl.errors import EXIT_STOPPED, RunError, UsageError, did_you_mean
 from mauctl.plan import Cell, Plan
@@ -218,7 +219,7 @@ def merge(plan: Plan, cells: list[Cell], notes: list[str]) -> list[Cell]:
             continue
         run = RunDir(Path(cell.run))
         if run.config.is_file():
-            differences = config_differences(saved_config(read_toml(run.config)), cell.config)
+            differences = config_differences(saved_config(run.read_toml_config()), cell.config)
             if differences:
                 raise UsageError(f"cell {cell.id}: {run.path} holds a run with a different configuration: "
                                  + "; ".join(differences[:3]) + ("; …" if len(differences) > 3 else ""),
@@ -250,18 +251,15 @@ class CellTask:
         self.log = log
         self.env = env or {}
         self._child: subprocess.Popen | None = None
-        self._stopping = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_child": None, "_stopping": False}
+        return {**self.__dict__, "_child": None}  # a running process does not travel
 
     def __call__(self) -> str:
         """Run the commands; "finished", or "stopped" (after a checkpoint); raises RunError if one failed."""
         for argv in self.commands:
             code = self._run([*argv, *self._node_args()])
-            if code == EXIT_STOPPED:
-                if self._stopping:  # submitit's handler is saving and requeuing: wait to be ended
-                    time.sleep(STOP_GRACE_S)
+            if code == EXIT_STOPPED:  # (under submitit's requeue, its handler exits before this is reached)
                 return "stopped"
             if code != 0:
                 raise RunError(f"cell {self.cell_id}: `mauctl {argv[0]}` failed (exit status {code}); "
@@ -273,7 +271,6 @@ class CellTask:
         """submitit's preemption / time-limit hook: wait until the cell has saved, then requeue it as it is."""
         from submitit.helpers import DelayedSubmission
 
-        self._stopping = True
         deadline = time.monotonic() + STOP_GRACE_S
         while self._child is not None and self._child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)  # poll, not wait(): a wait() in a signal handler can deadlock with the one it interrupts
@@ -317,14 +314,14 @@ def run_local(plan: Plan, cells: list[Cell], resources: Resources, say: Callable
     if slots > 1:
         logs.mkdir(exist_ok=True)
     stop = {"signal": None}
-    running: dict[str, CellTask] = {}
+    threads: dict[str, tuple[threading.Thread, CellTask]] = {}  # the cells running now
 
     def forward(signum: int, _frame: Any) -> None:
         stop["signal"] = signum
         if signum == signal.SIGINT:
             return  # Ctrl-C reached every process of the terminal's group, the cells' too: sending it again
             # would make their workers quit without saving
-        for task in running.values():
+        for _, task in threads.values():
             if task._child is not None and task._child.poll() is None:
                 task._child.send_signal(signum)
 
@@ -332,8 +329,6 @@ def run_local(plan: Plan, cells: list[Cell], resources: Resources, say: Callable
     previous = {s: signal.signal(s, forward) for s in handled}
     failed, stopped, queue, free_gpus = [], [], list(cells), list(gpu_sets)
     try:
-        import threading
-
         results: dict[str, str | Exception] = {}
 
         def run_one(task: CellTask, gpus: str | None) -> None:
@@ -345,7 +340,6 @@ def run_local(plan: Plan, cells: list[Cell], resources: Resources, say: Callable
                 if gpus is not None:
                     free_gpus.append(gpus)
 
-        threads: dict[str, threading.Thread] = {}
         while queue or threads:
             while queue and len(threads) < slots and stop["signal"] is None:
                 cell = queue.pop(0)
@@ -354,13 +348,12 @@ def run_local(plan: Plan, cells: list[Cell], resources: Resources, say: Callable
                 task = CellTask(cell.id, cell.commands, log=str(logs / f"{cell.id}.log") if slots > 1 else None,
                                 env=env)
                 say(f"sweep: cell {cell.id} started" + (f" (log {task.log})" if task.log else ""))
-                running[cell.id] = task
-                threads[cell.id] = threading.Thread(target=run_one, args=(task, gpus), daemon=True)
-                threads[cell.id].start()
-            for ident, thread in list(threads.items()):
+                thread = threading.Thread(target=run_one, args=(task, gpus), daemon=True)
+                threads[cell.id] = (thread, task)
+                thread.start()
+            for ident, (thread, _) in list(threads.items()):
                 if not thread.is_alive():
                     del threads[ident]
-                    running.pop(ident, None)
                     outcome = results[ident]
                     if isinstance(outcome, Exception):
                         failed.append(ident)
@@ -471,6 +464,8 @@ def check_request(req: SweepRequest) -> tuple[list[Any], list[str], int | None, 
         if missing:
             raise UsageError(f"--executor slurm: {', '.join(missing)} not found on the PATH",
                              hint="Run mauctl sweep on a SLURM login node, or use --executor local.")
+    if req.bench is not None and not req.dry_run:
+        raise UsageError("--bench is for --dry-run (it estimates the GPU-hours of the cells)")
     presets = check_presets(req.presets or default_presets())
     losses = check_losses(req.losses or list(loss_columns()))
     if req.probe_preset is not None and load_preset(req.probe_preset).command != "lincls":
