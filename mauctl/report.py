@@ -18,7 +18,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -119,11 +119,11 @@ class Entry:
 
     @property
     def best_top1(self) -> float | None:
-        return _number(self.results.get("best_top1", self.results.get("top1")))
+        return number(self.results.get("best_top1", self.results.get("top1")))
 
     @property
     def top5(self) -> float | None:
-        return _number(self.results.get("top5"))
+        return number(self.results.get("top5"))
 
     @property
     def label(self) -> str:
@@ -181,17 +181,25 @@ def is_run(path: Path) -> bool:
     return command in (None, "pretrain")
 
 
-def _scan(root: Path, runs: list[Path], loose: list[Path]) -> None:
+def walk(root: Path) -> Iterator[tuple[Path, list[str], bool]]:
+    """Each folder under ``root`` with its file names and whether it is a pretraining run directory.
+
+    A run directory is not entered (its probes are under lincls/); hidden folders and runs moved aside
+    by `pretrain --overwrite` (replaced by their user) are skipped.
+    """
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        if is_run(here):
-            runs.append(here)  # its probes are under lincls/
-            dirnames[:] = []
-            continue
-        if "results.json" in filenames:
+        run = is_run(here)
+        yield here, filenames, run
+        dirnames[:] = [] if run else sorted(d for d in dirnames if not d.startswith(".") and ".replaced-" not in d)
+
+
+def _scan(root: Path, runs: list[Path], loose: list[Path]) -> None:
+    for here, filenames, run in walk(root):
+        if run:
+            runs.append(here)
+        elif "results.json" in filenames:
             loose.append(here / "results.json")
-        # runs moved aside by `pretrain --overwrite` were replaced by their user: not reported
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and ".replaced-" not in d)
 
 
 def _read_entry(results_path: Path, run: Path | None, notes: list[str]) -> Entry | None:
@@ -416,7 +424,8 @@ def _show(value: Any) -> str:
     return "?" if value is None else str(value)
 
 
-def _number(value: Any) -> float | None:
+def number(value: Any) -> float | None:
+    """A JSON number as a float (not a bool); None for anything else."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -593,11 +602,11 @@ def diagnostics_row(entry: Entry) -> list[str]:
     if entry.collapsed_epoch is not None:
         after += f" (collapsed at epoch {entry.collapsed_epoch})"
     return [entry.label, loss_label(entry), entry.probe, _pct(entry.best_top1), _metric(d.get("align_metric")),
-            _metric(d.get("unif_metric")), _pct(_number(d.get("knn_top1"))), after]
+            _metric(d.get("unif_metric")), _pct(number(d.get("knn_top1"))), after]
 
 
 def _metric(value: Any) -> str:
-    value = _number(value)
+    value = number(value)
     return "-" if value is None else f"{value:.4f}"
 
 
@@ -743,7 +752,7 @@ def _diagnostics_line(entry: Entry) -> str:
     epochs = d.get("epochs_done")
     epochs_done = f"after {epochs} epoch" + ("" if epochs == 1 else "s")
     return (f"align {_metric(d.get('align_metric'))}, uniform {_metric(d.get('unif_metric'))}, "
-            f"kNN top-1 {_pct(_number(d.get('knn_top1')))}, {epochs_done}{collapsed}")
+            f"kNN top-1 {_pct(number(d.get('knn_top1')))}, {epochs_done}{collapsed}")
 
 
 def render_rich_text(report: Report, width: int = 200) -> str:
@@ -763,7 +772,7 @@ def report_data(report: Report) -> dict[str, Any]:
     def entry_data(e: Entry) -> dict[str, Any]:
         return {"run": e.label, "probe": e.probe, "best_top1": e.best_top1, "top5": e.top5,
                 "results": shown_path(e.results_path),
-                **{name: _number(e.diagnostics.get(name)) for name in DIAGNOSTICS},
+                **{name: number(e.diagnostics.get(name)) for name in DIAGNOSTICS},
                 "diagnostics_epoch": e.diagnostics.get("epochs_done"), "collapsed_epoch": e.collapsed_epoch}
 
     tables = []
@@ -860,8 +869,8 @@ def plot_figure(report: Report) -> Any:
 def _plot_align_unif(report: Report, fig: Any, ax: Any) -> None:
     """Uniformity (x) vs alignment (y), one point per run, coloured by its linear top-1 (Wang & Isola, Fig. 5)."""
     points = _one_entry_per_run([e for e in report.entries
-                                 if _number(e.diagnostics.get("align_metric")) is not None
-                                 and _number(e.diagnostics.get("unif_metric")) is not None])
+                                 if number(e.diagnostics.get("align_metric")) is not None
+                                 and number(e.diagnostics.get("unif_metric")) is not None])
     ax.set(xlabel="uniformity metric  log E exp(-2 ||f(x) - f(y)||²)  (lower is better)",
            ylabel="alignment metric  E ||f(x) - f(x+)||²  (lower is better)",
            title="Alignment and uniformity of each run (colour: linear top-1)")

@@ -133,9 +133,9 @@ def read_progress(path: Path, notes: list[str]) -> Progress | None:
     batch = _int(manifest.get("global_batch")) or _int(optim.get("batch_size"))
     images = _int((manifest.get("dataset") or {}).get("images"))
     per_epoch = images // batch if images and batch else None  # steps: the sampler drops the last partial batch
-    speeds = [s for s in (_number(r.get("images_per_s")) for r in epochs[-RECENT_EPOCHS:]) if s]
-    step_speed = _number(steps[-1].get("images_per_s")) if steps else None
-    if _number(results.get("wall_time_s")) and results.get("epochs_done"):
+    speeds = [s for s in (report.number(r.get("images_per_s")) for r in epochs[-RECENT_EPOCHS:]) if s]
+    step_speed = report.number(steps[-1].get("images_per_s")) if steps else None
+    if report.number(results.get("wall_time_s")) and results.get("epochs_done"):
         epoch_seconds = results["wall_time_s"] / results["epochs_done"]  # a probe's, its evaluation included
     elif per_epoch and (speeds or step_speed):
         epoch_seconds = per_epoch * batch / (sum(speeds) / len(speeds) if speeds else step_speed)
@@ -164,9 +164,9 @@ def _last_terms(records: list[dict[str, Any]]) -> dict[str, float | None]:
     last = next((r for r in reversed(records) if r.get("kind") in ("step", "epoch")), None)
     if last is None:
         return {}
-    terms = {k: _number(last[k]) for k in TERMS if k in last}
+    terms = {k: report.number(last[k]) for k in TERMS if k in last}
     if not terms and ("loss" in last or "train_loss" in last):
-        terms = {"loss": _number(last.get("loss", last.get("train_loss")))}
+        terms = {"loss": report.number(last.get("loss", last.get("train_loss")))}
     return terms
 
 
@@ -202,10 +202,6 @@ def _read_config(path: Path, notes: list[str]) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         notes.append(f"cannot read {report.shown_path(path)}: {exc}.")
         return {}
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _int(value: Any) -> int | None:
@@ -555,16 +551,11 @@ def is_probe(path: Path) -> bool:
 
 
 def _scan(root: Path, sweeps: list[Path], runs: list[Path]) -> None:
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
+    for here, filenames, run in report.walk(root):
         if plans.PLAN_FILE in filenames:
             sweeps.append(here)  # and its folder may hold runs of its own besides the cells
-        if report.is_run(here):
-            runs.append(here)  # its probes are under lincls/
-            dirnames[:] = []
-            continue
-        # runs moved aside by `pretrain --overwrite` were replaced by their user: not shown
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and ".replaced-" not in d)
+        if run:
+            runs.append(here)
 
 
 def _unique(paths: list[Path]) -> list[Path]:
